@@ -4,6 +4,7 @@ from pathlib import Path
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 import fastai.distributed  # Learner.to_distributed
 import corsd_suite.core  # DistributedDL broadcasts on CPU under gloo
+from corsd_suite.core import StatefulCallback
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -45,7 +46,7 @@ def params_digest(model) -> float:
 
 def roundtrip_save_load(learn, make_learner, tmp_path, name:str='roundtrip'):
     """`learn.save` (with its callbacks' state), build a fresh Learner with `make_learner()`, `load` into it, and
-    return it. Asserts every tensor of the model's state dict came back equal."""
+    return it. Asserts the model's state dict and every `StatefulCallback`'s state came back equal."""
     learn.path = Path(tmp_path); learn.model_dir = 'models'
     learn.save(name, with_opt=True)
     new = make_learner()
@@ -54,4 +55,20 @@ def roundtrip_save_load(learn, make_learner, tmp_path, name:str='roundtrip'):
     sa, sb = learn.model.state_dict(), new.model.state_dict()
     assert sa.keys() == sb.keys(), set(sa) ^ set(sb)
     for k in sa: assert torch.equal(sa[k].cpu(), sb[k].cpu()), f"model tensor {k} differs after load"
+    for cb in learn.cbs:
+        if isinstance(cb, StatefulCallback):
+            other = [c for c in new.cbs if type(c) is type(cb)]
+            assert other, f"the new learner lacks a {type(cb).__name__}"
+            _assert_same(cb.state_dict(), other[0].state_dict(), type(cb).__name__)
     return new
+
+def _assert_same(a, b, where):
+    "Recursively compare two states (dicts, lists, tensors, numbers)"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys differ {set(a) ^ set(b)}"
+        for k in a: _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i,(x,y) in enumerate(zip(a,b)): _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor): assert torch.equal(a.cpu(), b.cpu()), f"{where} differs after load"
+    else: assert a == b, f"{where}: {a!r} != {b!r}"
