@@ -6,9 +6,10 @@ import numpy as np, torch
 RESULTS = Path(__file__).parent/'results'
 
 def command_line() -> str:
-    "The command that reproduced this run (run from the repository root)"
-    env = f"CORSD_DATA={os.environ['CORSD_DATA']} " if os.environ.get('CORSD_DATA') else ''
-    return env + 'python ' + ' '.join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    "The command that reproduces this run, from the repository root"
+    env = "CORSD_DATA=../shared/data " if os.environ.get('CORSD_DATA') else ''
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), Path(__file__).resolve().parents[1])
+    return env + 'python ' + ' '.join(shlex.quote(a) for a in [script] + sys.argv[1:])
 
 def mean_std(xs) -> dict:
     "Mean, sample std and the values themselves"
