@@ -13,7 +13,7 @@ from common import write_result, md_table, mean_std
 p = argparse.ArgumentParser()
 p.add_argument('--seeds', type=int, default=3); p.add_argument('--epochs', type=int, default=8)
 a = p.parse_args()
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 t0 = time.time()
 zoo = []
 for name in MODELS:
