@@ -1,0 +1,95 @@
+"Reverse adversarial: save/load, 2-process DDP, mixed precision, int8 composition, bad input, demo row."
+import warnings
+import pytest, torch
+from torch import nn
+from helpers import run_ddp, ddp_fit, params_digest, roundtrip_save_load
+from corsd_suite.core import seed_everything
+from corsd_suite.data import digits_dls, digits
+from corsd_suite.models import lenet5
+from corsd_suite.reverse_adversarial import (reverse_adv_learner, reverse_calibrator, model_with_calibrator, reverse_pgd,
+    quantize_int8, StraightThrough, adapt_to_scene, ReverseAdvCallback, is_quantized, reverse_adversarial_row)
+
+def _clf(dls, seed=0):
+    seed_everything(seed)
+    return lenet5(dls.n_channels, dls.c, dls.stats, size=16).eval()
+
+def _learner(seed=0, bs=64):
+    dls = digits_dls(16, bs=bs, device='cpu')
+    clf = _clf(dls, seed)
+    seed_everything(seed)
+    return reverse_adv_learner(dls, clf, bound=0.3), clf
+
+def test_save_load_roundtrip(tmp_path):
+    learn, clf = _learner()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    new = roundtrip_save_load(learn, lambda: _learner(seed=1)[0], tmp_path)
+    x = learn.dls.valid.one_batch()[0]
+    learn.model.eval(); new.model.eval()
+    with torch.no_grad(): assert torch.allclose(learn.model(x), new.model(x))
+    assert any(p.abs().sum() > 0 for p in new.model.cal.parameters())   # the trained calibrator came back
+
+def _fit_on_rank(rank):
+    learn, clf = _learner(bs=32)
+    before, cal0 = params_digest(clf), params_digest(learn.model.cal)
+    ddp_fit(learn, 1, 1e-2)
+    cm = learn.model.module if hasattr(learn.model, 'module') else learn.model
+    return dict(clf_before=before, clf_after=params_digest(cm.clf), cal_before=cal0, cal_after=params_digest(cm.cal))
+
+def test_ddp_two_ranks():
+    r0, r1 = run_ddp(_fit_on_rank)
+    assert r0['clf_before'] == r0['clf_after'] == r1['clf_after']      # the main model stayed frozen
+    assert r0['cal_after'] != r0['cal_before']                           # the calibrator trained
+    assert abs(r0['cal_after'] - r1['cal_after']) < 1e-6                # and the replicas agree
+
+@pytest.mark.parametrize('prec', ['bf16', 'fp16'])
+def test_mixed_precision(prec):
+    learn, clf = _learner()
+    sd = {k: v.clone() for k,v in clf.state_dict().items()}
+    learn = learn.to_bf16() if prec == 'bf16' else learn.to_fp16()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    assert all(torch.equal(sd[k], v) for k,v in clf.state_dict().items())
+    preds, _ = learn.get_preds(cbs=[ReverseAdvCallback(4/255, 2)])
+    assert torch.isfinite(preds).all() and preds.shape == (len(learn.dls.valid_ds), 10)
+
+def test_int8_composition():
+    dls = digits_dls(16, device='cpu')
+    clf = _clf(dls)
+    tr = digits(16).split(0.2, 0)[0]
+    q = quantize_int8(clf, tr.x[:128].float()/255)
+    assert is_quantized(q)
+    x = tr.x[:64].float()/255
+    with torch.no_grad():
+        # a zero-initialised calibrator leaves the int8 model's predictions unchanged
+        assert torch.equal(model_with_calibrator(q, reverse_calibrator(1))(x).argmax(1), q(x).argmax(1))
+        ste = StraightThrough(q, clf)
+        assert torch.equal(ste(x), q(x))                                  # forward = the int8 model
+    xg = x[:4].clone().requires_grad_(True)
+    ste(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0               # backward = the float model's gradient
+    cm = adapt_to_scene(ste, tr.subset(range(128)).transformed('rotation', 2), epochs=1)
+    with torch.no_grad(): out = model_with_calibrator(q, cm.cal)(x)
+    assert out.shape == (64, 10) and torch.isfinite(out).all()
+    xr = reverse_pgd(q, x, 'teacher', eps=4/255, steps=2, teacher=clf)
+    assert (xr - x).abs().max() <= 4/255 + 1e-6
+
+def test_bad_input():
+    dls = digits_dls(16, device='cpu')
+    clf = _clf(dls)
+    x = torch.rand(4, 1, 16, 16)
+    with pytest.raises(ValueError, match='train mode'): reverse_pgd(clf.train(), x)
+    clf.eval()
+    with pytest.raises(ValueError, match='train mode'): quantize_int8(lenet5(1, 10, size=16).train(), x)
+    with pytest.raises(ValueError, match=r'\(N, C, H, W\)'): reverse_pgd(clf, x[0])
+    with pytest.raises(ValueError, match='channels'): model_with_calibrator(clf, reverse_calibrator(1))(torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r'\(N, C, H, W\)'): model_with_calibrator(clf, reverse_calibrator(1))(torch.rand(1, 16, 16))
+    with pytest.raises(ValueError, match='same shape'): model_with_calibrator(clf, nn.Conv2d(1, 1, 3))(x)
+    with pytest.raises(ValueError, match='y_star'): reverse_pgd(clf, x, 'oracle')
+    q = quantize_int8(clf, x)
+    with pytest.raises(ValueError, match='int8'): reverse_pgd(q, x)
+    with pytest.raises(ValueError, match='attention'): reverse_pgd(clf, x, attention=1.5)
+    with pytest.raises(ValueError, match='bound'): reverse_calibrator(1, bound=0.)
+
+def test_demo_row():
+    r = reverse_adversarial_row(quick=True)
+    assert set(r) >= {'method', 'metric', 'baseline', 'result', 'note'}
+    assert 0 <= r['baseline'] <= 1 and r['result'] > r['baseline']
