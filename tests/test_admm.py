@@ -101,3 +101,11 @@ def test_export_matches_report(tmp_path):
     assert torch.allclose(learn.model(x), plain(x), atol=1e-5)
     tot = compression_report(plain, input_shape=(1, 16, 16)).iloc[-1]
     assert tot['bytes'] < tot['dense_fp32_bytes'] / 10
+
+def test_demo_row():
+    from corsd_suite.core import DEMO_ROWS
+    import corsd_suite.admm
+    order, f = DEMO_ROWS['ADMM']
+    row = f(True)
+    assert order == 40 and {'method', 'metric', 'baseline', 'result', 'note'} <= set(row)
+    assert 0.5 < row['baseline'] <= 1 and 0 <= row['result'] <= 1 and 'x fewer weights' in row['note']
