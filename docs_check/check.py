@@ -442,6 +442,12 @@ def _bad_link(a, page, site, ids, root, cfg) -> str|None:
 
 # ---------------------------------------------------------------- lints (warnings)
 
+def commented_markdown(src:str) -> bool:
+    "Markdown written as Python comment lines (`# ## Title`, `# text`): every line is `#` or starts with `# `"
+    lines = [l for l in src.splitlines() if l.strip()]
+    if not lines or not all(l.strip() == '#' or l.startswith('# ') for l in lines): return False
+    return len(src.strip().splitlines()) > 1 or lines[0].startswith('# #')
+
 def lint(root:Path, nbs_dir:Path, proc_dir:Path, sources:list[Path]) -> list[str]:
     warns = []
     want = expected_nbdev_yml(root)
@@ -452,8 +458,7 @@ def lint(root:Path, nbs_dir:Path, proc_dir:Path, sources:list[Path]) -> list[str
         rel = p.relative_to(nbs_dir).as_posix()
         if rel not in listed: warns.append(f'{rel} is not in nbs/sidebar.yml')
         d = json.loads(p.read_text())
-        n = sum(1 for c in d['cells'] if c['cell_type'] == 'markdown' and len(_src(c).splitlines()) > 1
-                and all(l.startswith('#') for l in _src(c).splitlines() if l.strip()))
+        n = sum(1 for c in d['cells'] if c['cell_type'] == 'markdown' and commented_markdown(_src(c)))
         if n: warns.append(f'{rel}: {n} markdown cell(s) written as `# ` comment lines (every line renders as a heading)')
     return warns
 

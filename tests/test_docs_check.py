@@ -109,3 +109,11 @@ def test_each_fault_alone_fails(tmp_path, page):
     r, rep = run_check(make_project(tmp_path, ['good', page]), '--outputs', 'stored')
     assert r.returncode == 1, r.stdout + r.stderr
     assert faults(rep, f'{page}.html') == {FAULT_OF[page]}, rep['pages'][f'{page}.html']
+
+def test_commented_markdown_lint():
+    "The warning for markdown written as `# ` comment lines (which renders every line as a heading)"
+    sys.path.insert(0, str(CHECK.parent))
+    from check import commented_markdown
+    assert commented_markdown('# # core\n#\n# > Seeding and devices') and commented_markdown('# ## A first model')
+    assert not commented_markdown('# core\n\n> Seeding and devices') and not commented_markdown('## Panels\n\ntext')
+    assert not commented_markdown('# core')
