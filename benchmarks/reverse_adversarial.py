@@ -34,6 +34,7 @@ def parse():
     p.add_argument('--seeds', default='0')
     p.add_argument('--out', default='reverse_adversarial', help='result name (benchmarks/results/OUT.json/.md)')
     p.add_argument('--merge', default='', help='comma-separated result names of partial runs to merge into OUT (no training)')
+    p.add_argument('--logs', default='', help='with --merge: also take rows of unfinished runs from these stdout logs')
     p.add_argument('--full', action='store_true', help='the issue protocol: 3 archs x 2 datasets, whole suite, full splits, 3 seeds')
     a = p.parse_args()
     if a.full:
@@ -108,7 +109,37 @@ def merge(a):
             arch, rest = k.split('@'); ds, seed = rest.split('#')
             per_run[(arch, ds, int(seed))] = v
         a.runs = ','.join(dict.fromkeys((a.runs.split(',') if a.runs else []) + d['details']['args']['runs'].split(',')))
+    have = {(r['arch'], r['dataset'], r['seed'], r['transformation']) for r in rows}
+    for f in [f for f in a.logs.split(',') if f]:
+        lr, lp = parse_log(f)
+        rows += [r for r in lr if (r['arch'], r['dataset'], r['seed'], r['transformation']) not in have]
+        for k,v in lp.items(): per_run.setdefault(k, v)
+        a.runs = ','.join(dict.fromkeys(a.runs.split(',') + [f'{k[0]}@{k[1]}' for k in lp]))
     report(a, rows, per_run, time.time() - secs)
+
+def parse_log(fname):
+    "Rows and per-run facts printed by an unfinished run (its stdout); timings are unknown there"
+    import re
+    from corsd_suite.models import get_model
+    rows, per_run, cur = [], {}, None
+    for line in open(fname):
+        m = re.match(r'(\w+)@(\w+) seed (\d+): clean ([\d.]+) \(int8 ([\d.]+)\).*calibrator (\d+) params', line)
+        if m:
+            arch, ds, seed = m.group(1), m.group(2), int(m.group(3))
+            cur = (arch, ds, seed)
+            per_run[cur] = dict(params=sum(p.numel() for p in get_model(arch, n_in=1, n_out=10, **ARCH_KW[arch]).parameters()),
+                                cal_params=int(m.group(6)), clean=float(m.group(4)), int8_clean=float(m.group(5)),
+                                sec_img=None, sec_img_cal=None, sec_img_int8=None, sec_img_int8_cal=None)
+        elif line.startswith('  transformation=') and cur is not None:
+            kv = dict(t.split('=') for t in line.split())
+            r = dict(arch=cur[0], dataset=cur[1], seed=cur[2], transformation=kv.pop('transformation'), severity=None)
+            r.update({k: float(v) for k,v in kv.items()})
+            rows.append(r)
+    return rows, per_run
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
 
 def main():
     a = parse()
@@ -155,6 +186,8 @@ def main():
                 sec_img_int8=sec_per_image(q, test), sec_img_int8_cal=sec_per_image(dep_q, test))
             report(a, rows, per_run, t00)   # results so far, rewritten after every run
 
+def _ms(a, b): return 'n/a (unfinished run)' if a is None else f"{1e3*a:.3f} / {1e3*b:.3f}"
+
 def report(a, rows, per_run, t00):
     # summary keyed by architecture (means over datasets, seeds and transformations)
     summary, md_rows = {}, []
@@ -171,8 +204,9 @@ def report(a, rows, per_run, t00):
             calibrator_gain=m['calibrated']-m['frozen'], int8_calibrator_gain=m['int8_calibrated']-m['int8_frozen'],
             calibrator_param_ratio=float(np.mean([p['cal_params']/p['params'] for p in pr])),
             calibrator_params=pr[0]['cal_params'], model_params=pr[0]['params'],
-            sec_per_image=float(np.mean([p['sec_img'] for p in pr])), sec_per_image_calibrated=float(np.mean([p['sec_img_cal'] for p in pr])),
-            int8_sec_per_image=float(np.mean([p['sec_img_int8'] for p in pr])), int8_sec_per_image_calibrated=float(np.mean([p['sec_img_int8_cal'] for p in pr])),
+            sec_per_image=_mean([p['sec_img'] for p in pr]), sec_per_image_calibrated=_mean([p['sec_img_cal'] for p in pr]),
+            int8_sec_per_image=_mean([p['sec_img_int8'] for p in pr]), int8_sec_per_image_calibrated=_mean([p['sec_img_int8_cal'] for p in pr]),
+            n_rows=len(rs),
             datasets=sorted({r['dataset'] for r in rs}), transformations=list(dict.fromkeys(r['transformation'] for r in rs)),
             target_met=bool(m['calibrated']-m['frozen'] >= 0.10 and m['int8_calibrated']-m['int8_frozen'] >= 0.10))
     pct = lambda v: f"{100*v:.1f}"
@@ -181,14 +215,14 @@ def report(a, rows, per_run, t00):
                 int8_frozen=pct(v['int8_frozen_mean_acc']), int8_calibrated=pct(v['int8_calibrated_mean_acc']),
                 int8_gain=f"{100*v['int8_calibrator_gain']:+.1f}", int8_teacher=pct(v['int8_teacher_refined_mean_acc']),
                 oracle_true=pct(v['oracle_true_label_fgsm_mean_acc']), cal_ratio=f"{100*v['calibrator_param_ratio']:.1f}%",
-                ms_img=f"{1e3*v['sec_per_image']:.3f} / {1e3*v['sec_per_image_calibrated']:.3f}",
-                int8_ms_img=f"{1e3*v['int8_sec_per_image']:.3f} / {1e3*v['int8_sec_per_image_calibrated']:.3f}") for k,v in summary.items()]
+                ms_img=_ms(v['sec_per_image'], v['sec_per_image_calibrated']), int8_ms_img=_ms(v['int8_sec_per_image'], v['int8_sec_per_image_calibrated']),
+                transformations=len(v['transformations'])) for k,v in summary.items()]
     grid = [dict(run=f"{r['arch']}@{r['dataset']}", tfm=r['transformation'], frozen=pct(r['frozen']), calibrated=pct(r['calibrated']),
                  refined=pct(r['refined']), finetune=pct(r['finetune']), int8=pct(r['int8_frozen']), int8_cal=pct(r['int8_calibrated']),
                  int8_teacher=pct(r['int8_teacher_refined']), oracle=pct(r['oracle_true_fgsm']), cal_on_clean=pct(r['calibrated_clean'])) for r in rows]
     quick = not a.full
     done = sorted({f"{r['arch']}@{r['dataset']}" for r in rows})
-    md = f"""Completed runs: {', '.join(done)} ({time.time()-t00:.0f} s of compute{', merged from parallel partial runs ' + a.merge if a.merge else ''}).
+    md = f"""Runs with results: {', '.join(done)} ({time.time()-t00:.0f} s of compute{', merged from parallel partial runs ' + a.merge if a.merge else ''}).
 Protocol ({'QUICK, reduced for 2 shared CPU cores' if quick else 'full'}): runs {a.runs}; seeds {a.seeds}.
 Base models trained on {a.n_train} images/class of the training split for {a.base_epochs} epochs (Adam one-cycle, random
 crop after 2-px padding only; none of the suite's transformations). New scene = transformation at severity {a.severity}.
@@ -204,12 +238,14 @@ model's label and gradient, classified by the int8 model. Times: ms per image, b
 with other jobs (noisy). Transformations: {', '.join(a.tfms)}.
 {'Deviations from the issue protocol (for time): MobileNetV2 at width 0.25 and ResNet-8 (not ResNet-20); only LeNet-5 on Fashion-MNIST; a subset of the suite; 1 seed; small subsets. The full protocol: `--full`.' if quick else ''}
 
+{'Runs unfinished at the deadline are included with the transformations they completed (column `transformations`; their timings are n/a); parsed from their logs.' if a.logs else ''}
+
 ## Mean accuracy (%) over transformations, per architecture
 
 {md_table(tab)}
 
 Target (issue): calibrator gain >= +10 points for every architecture, float and int8, calibrator < 10% of the model's
-parameters. Met: {', '.join(f"{k}: {'yes' if v['target_met'] else 'no'}" for k,v in summary.items())}.
+parameters. Met: {', '.join(f"{k}: {'yes' if v['target_met'] else 'no'}" + ('' if len(v['transformations']) == len(a.tfms) else f" (unfinished: {len(v['transformations'])} of {len(a.tfms)} transformations)") for k,v in summary.items())}.
 The paper's abstract reports +19.02 (float, CIFAR-10-scale models) and +30.78 (quantized); different data and models.
 
 ## Per transformation

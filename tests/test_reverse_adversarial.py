@@ -93,3 +93,24 @@ def test_demo_row():
     r = reverse_adversarial_row(quick=True)
     assert set(r) >= {'method', 'metric', 'baseline', 'result', 'note'}
     assert 0 <= r['baseline'] <= 1 and r['result'] > r['baseline']
+
+def test_admm_compressed_lenet5():
+    "Composition: an ADMM-pruned-and-quantized LeNet-5 (corsd_suite.admm), frozen, behind a reverse-adversarial calibrator"
+    from corsd_suite.admm import admm_prune, lenet5_targets
+    from corsd_suite.cli import train_digits
+    learn = train_digits('lenet5', epochs=3, size=16, seed=0)
+    with learn.no_bar(), learn.no_logging():
+        admm_prune(learn, lenet5_targets(keep=dict(fc1=.05), bits=4), admm_epochs=1, retrain_epochs=1, every=3, unit='batch')
+    clf = learn.model.eval()
+    w = clf.head[1].weight
+    assert (w == 0).float().mean() > 0.9 and len(torch.unique(w)) <= 2**4   # pruned and quantized
+    sd = {k: v.clone() for k,v in clf.state_dict().items()}
+    tr, va = digits(16).split(0.2, 0)
+    s_tr, s_va = tr.transformed('rotation', 2, seed=1), va.transformed('rotation', 2, seed=2)
+    cm = adapt_to_scene(clf, s_tr, epochs=4)
+    x = s_va.x.float()/255
+    with torch.no_grad(): a0, a1 = [(m(x).argmax(1) == s_va.y).float().mean().item() for m in (clf, cm)]
+    assert a1 > a0
+    assert all(torch.equal(sd[k], v) for k,v in clf.state_dict().items())   # still the same compressed model
+    xr = reverse_pgd(clf, x[:32], 'pred', eps=4/255, steps=3)
+    with torch.no_grad(): assert (clf(xr).argmax(1) == clf(x[:32]).argmax(1)).float().mean() >= 0.95
