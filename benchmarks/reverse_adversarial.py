@@ -238,6 +238,7 @@ model's label and gradient, classified by the int8 model. Times: ms per image, b
 with other jobs (noisy). Transformations: {', '.join(a.tfms)}.
 {'Deviations from the issue protocol (for time): MobileNetV2 at width 0.25 and ResNet-8 (not ResNet-20); only LeNet-5 on Fashion-MNIST; a subset of the suite; 1 seed; small subsets. The full protocol: `--full`.' if quick else ''}
 
+{'This file merges runs made in parallel (`--runs X --out NAME`) and is reproduced sequentially, all four runs, by `CORSD_DATA=<data> python benchmarks/reverse_adversarial.py`.' if a.merge else ''}
 {'Runs unfinished at the deadline are included with the transformations they completed (column `transformations`; their timings are n/a); parsed from their logs.' if a.logs else ''}
 
 ## Mean accuracy (%) over transformations, per architecture
