@@ -18,3 +18,4 @@ def test_demo_baseline_row():
     line = next(l for l in r.stdout.splitlines() if l.strip().startswith('baseline'))
     acc = float(line.split()[-3])           # baseline, result, seconds are the last three columns
     assert 0.85 < acc <= 1.0, r.stdout
+    assert 'CORSD' not in r.stdout and 'MGNet' not in r.stdout   # --only filters the rows
