@@ -9,6 +9,14 @@ from nbclient import NotebookClient
 from nbconvert import MarkdownExporter
 
 root = Path(__file__).resolve().parents[1]
+
+def _plain(o):
+    "Keep an output as plain text (Markdown has no use for fastprogress' HTML or DataFrame styling)"
+    if 'data' not in o: return o
+    txt = o['data'].get('text/plain', '')
+    if not txt or txt.startswith(('<IPython.core.display', '<div>')): return None   # progress bars and tables
+    o['data'] = {'text/plain': txt}
+    return o
 nb = nbformat.read(root/'nbs'/'index.ipynb', as_version=4)
 NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(root/'nbs')}}).execute()
 cells = []
@@ -17,7 +25,8 @@ for c in nb.cells:
     if c.cell_type == 'code':
         if re.search(r'^#\|\s*hide', src, re.M): continue
         c.source = '\n'.join(l for l in src.splitlines() if not l.startswith('#|'))
-        c.outputs = [o for o in c.outputs if o.get('output_type') != 'stream' or o.get('name') != 'stderr']
+        c.outputs = [_plain(o) for o in c.outputs if o.get('output_type') != 'stream' or o.get('name') != 'stderr']
+        c.outputs = [o for o in c.outputs if o is not None]
     cells.append(c)
 nb.cells = cells
 # the first markdown cell holds the title and the "> summary" line, as nbdev writes it
