@@ -165,19 +165,13 @@ def resolve_targets(model:nn.Module, targets:dict) -> dict:
     return res
 
 # %% ../nbs/40_admm.ipynb #0d10dc2f
-class _LazyState(StatefulCallback):
-    "Reports loaded-but-not-yet-applied state as its state (it is applied when the layers are known, in `before_fit`)"
-    def state_dict(self) -> dict:
-        p = getattr(self, '_pending', None)
-        return p if p is not None and not self.state_ready() else super().state_dict()
-
 def _rho_step(schedule, rho:float, n:int) -> float:
     if schedule is None: return rho
     if callable(schedule): return float(schedule(rho, n))
     factor, rho_max = schedule
     return float(min(rho * factor, rho_max))
 
-class ADMMCallback(_LazyState):
+class ADMMCallback(StatefulCallback):
     "ADMM on `targets`: penalty ρ/2‖W−Z+U‖² in the loss, Z=Π(W+U) and U-steps every `every` `unit`s, growing ρ"
     order = 60
     _state, _lazy = ('Z', 'U', 'q', 'rho', 'n_updates', 'n_steps', 'history'), ('Z',)
@@ -238,7 +232,7 @@ class ADMMCallback(_LazyState):
         return pd.DataFrame(self.history)
 
 # %% ../nbs/40_admm.ipynb #8445f9d9
-class HardPruneCallback(_LazyState):
+class HardPruneCallback(StatefulCallback):
     "Masked retraining: masks and quantization levels fixed from Π(W), imposed on grads and weights every step"
     order = 65
     _state, _lazy = ('masks', 'q', 'latent'), ('masks',)

@@ -87,7 +87,11 @@ def _get_state(o):
 class StatefulCallback(Callback):
     "A `Callback` whose attributes named in `_state` are saved and loaded with `learn.save`/`learn.load`"
     _state, _lazy = (), ()  # attributes saved; those of them built lazily (None until built)
-    def state_dict(self) -> dict: return {k: _get_state(getattr(self, k, None)) for k in self._state}
+    def state_dict(self) -> dict:
+        "The saved attributes; state loaded but not yet applied (modules still unbuilt) is reported as it was loaded"
+        p = getattr(self, '_pending', None)
+        if p is not None and not self.state_ready(): return p
+        return {k: _get_state(getattr(self, k, None)) for k in self._state}
     def load_state_dict(self, sd:dict):
         missing = [k for k in self._state if k not in sd]
         if missing: raise KeyError(f"{type(self).__name__}: saved state lacks {missing}")
