@@ -113,11 +113,11 @@ Calibrator: ResNet generator ngf 8, {NB} blocks ({r0['cal_params']:,} parameters
 classifier), one-sided bound 0.2 in pixel units (= the code's 0.4 in [-1, 1] units), λ_t = 1, λ_s = 0.1, Adam {LR:g} for the
 calibrator and both discriminators, batch {BS}, {r0['cal_iters']} iterations (1 discriminator step + 1 calibrator step each).
 DANN: the same classifier fine-tuned with a gradient-reversal domain head for the same iterations and learning rate.
-{'' if full else '**Reduced protocol** (CPU shared by ~7 agents, 25-minute budget): ' + f'{SEEDS} seed, {r0["cal_iters"]} iterations instead of 11.4k, {NPC} MNIST images per class, images {SIZE}×{SIZE} instead of 28×28, batch {BS}, {NB} residual blocks instead of 9. The machine was so loaded (load average > 20 on 2 cores) that a first attempt at 28×28 with 400 iterations had not finished its first adaptation arm after 25 minutes and was stopped. `--full` runs 3 seeds × 11.4k iterations on full MNIST at 28×28 with batch 128 and 9 blocks.'}
+{'' if full else '**Reduced protocol** (2-core CPU): ' + f'{SEEDS} seed(s), {r0["cal_iters"]} iterations instead of 11.4k, {"all" if not NPC else NPC} MNIST images{"" if not NPC else " per class"}, images {SIZE}×{SIZE} instead of 28×28, batch {BS}, {NB} residual blocks instead of 9. `--full` runs 3 seeds × 11.4k iterations on full MNIST at 28×28 with batch 128 and 9 blocks.'}
 
 {tab}
 
-Seconds per iteration (2 shared CPU cores, wall time under load): calibrator frozen BN {ms('cal_s_per_iter')['mean']:.2f},
+Seconds per iteration (one CPU thread, wall time; other jobs shared the 2 cores): calibrator frozen BN {ms('cal_s_per_iter')['mean']:.2f},
 code-faithful BN {ms('cal_code_bn_s_per_iter')['mean']:.2f}, DANN {ms('dann_s_per_iter')['mean']:.2f}.
 
 Target accuracy after each epoch of {len(dls.train)} iterations (shown for the trajectory only, the last value is the result):

@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, torch
 from torch import nn
 from fastcore.all import *
 from fastai.callback.core import Callback
-from .core import StatefulCallback, check_finite, seed_everything, demo_row
+from .core import StatefulCallback, check_finite, seed_everything, demo_row, unwrap
 
 # %% auto #0
 __all__ = ['KINDS', 'LENET5_LAYERS', 'ADMM_LENET5_KEEP', 'topk_mask', 'prune_mask', 'prune_unstructured', 'group_matrix',
@@ -136,13 +136,9 @@ def project(w:torch.Tensor, t:Target, q:float|None=None):
     if t.bits is None: return z, None
     return quantize(z, t.bits, q)
 
-def _unwrap(m:nn.Module) -> nn.Module:
-    while hasattr(m, 'module') and isinstance(m.module, nn.Module): m = m.module
-    return m
-
 def weight_layers(model:nn.Module) -> dict:
     "The conv and linear layers of `model` by module name"
-    return {n: m for n, m in _unwrap(model).named_modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))}
+    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))}
 
 def _as_target(t) -> Target:
     if isinstance(t, Target): return t
@@ -153,7 +149,7 @@ def _as_target(t) -> Target:
 def resolve_targets(model:nn.Module, targets:dict) -> dict:
     "Map `{module name: Target | rate | dict}` to `{name: (module, Target)}` on `model`"
     if not targets: raise ValueError("`targets` is empty: name at least one layer to constrain")
-    mods = dict(_unwrap(model).named_modules())
+    mods = dict(unwrap(model).named_modules())
     res = {}
     for name, t in targets.items():
         if name not in mods:
@@ -303,8 +299,8 @@ def _out_positions(model, input_shape):
     for n, m in weight_layers(model).items():
         hooks.append(m.register_forward_hook(lambda mod, i, o, n=n: pos.__setitem__(n, o[0, 0].numel() if o.ndim > 2 else 1)))
     try:
-        p = next(_unwrap(model).parameters())
-        with torch.no_grad(): _unwrap(model).eval()(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+        p = next(unwrap(model).parameters())
+        with torch.no_grad(): unwrap(model).eval()(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks: h.remove()
     return pos
@@ -357,7 +353,7 @@ def apply_targets(model:nn.Module, targets:dict) -> nn.Module:
 
 def export_compressed(model:nn.Module, fname, targets:dict|None=None, input_shape=(1, 28, 28)) -> Path:
     "Save the (projected) weights of `model` as a plain state dict with its compression report"
-    m = _unwrap(model)
+    m = unwrap(model)
     if targets: apply_targets(m, targets)
     fname = Path(fname); fname.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in m.state_dict().items()}
@@ -367,7 +363,7 @@ def export_compressed(model:nn.Module, fname, targets:dict|None=None, input_shap
 def load_compressed(model:nn.Module, fname) -> nn.Module:
     "Load an `export_compressed` file into the plain architecture `model`"
     d = torch.load(fname, map_location='cpu', weights_only=False)
-    _unwrap(model).load_state_dict(d['state_dict'])
+    unwrap(model).load_state_dict(d['state_dict'])
     return model
 
 # %% ../nbs/40_admm.ipynb #8d4099e9
@@ -410,7 +406,7 @@ def admm_row(quick:bool=True) -> dict:
     dense = evaluate_accuracy(learn.model, learn.dls.valid, show=False)
     e = 1 if quick else 2
     with learn.no_bar(), learn.no_logging():
-        admm_prune(learn, lenet5_targets(), admm_epochs=2*e, retrain_epochs=1*e, lr=3e-3, rho=3e-3,
+        admm_prune(learn, lenet5_targets(), admm_epochs=6*e, retrain_epochs=3*e, lr=3e-3, rho=3e-3,
                    rho_schedule=(1.5, .1), every=3, unit='batch')
     rep = compression_report(learn.model)
     return dict(method='ADMM (LeNet-5)', metric='digits valid accuracy', baseline=dense,

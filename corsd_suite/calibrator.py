@@ -17,12 +17,12 @@ from fastai.optimizer import Adam
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import params
-from .core import StatefulCallback, check_finite, check_images, model_device, demo_row, seed_everything
+from .core import StatefulCallback, check_finite, check_images, model_device, demo_row, seed_everything, unwrap
 from .models import StagedNet, Normalize
 
 # %% auto #0
 __all__ = ['GROUPS', 'ResnetBlock', 'resnet_generator', 'Calibrator', 'bn_layers', 'set_frozen_mode', 'freeze_model', 'bn_state',
-           'CalibratedModel', 'unwrap', 'FreezeClassifier', 'PixelDiscriminator', 'OutputDiscriminator', 'endless',
+           'CalibratedModel', 'FreezeClassifier', 'PixelDiscriminator', 'OutputDiscriminator', 'endless',
            'calibrator_splitter', 'CalibratorCallback', 'calibrator_learner', 'dtn', 'adabn', 'GradReverse',
            'dann_adapt', 'endless_xy', 'erode_images', 'shifted_digits', 'train_source', 'calibrator_row']
 
@@ -139,16 +139,11 @@ class CalibratedModel(nn.Module):
         else: set_frozen_mode(self.clf, bn=self.freeze_bn, dropout=self.code_faithful_bn)
         return self
 
-def unwrap(m:nn.Module) -> nn.Module:
-    "The model inside DDP/DataParallel wrappers"
-    while hasattr(m, 'module') and not hasattr(m, 'cal'): m = m.module
-    return m
-
 # %% ../nbs/30_calibrator.ipynb #708e0a34
 class FreezeClassifier(Callback):
     "Keep the module `get(learn)` frozen inside a `Learner`: no parameter in the optimiser, BN re-frozen after `TrainEvalCallback`"
     order = -5   # after TrainEvalCallback (-10), which calls model.train()
-    def __init__(self, get=lambda learn: unwrap(learn.model).clf, bn:bool=True, check:bool=True): store_attr()
+    def __init__(self, get=lambda learn: unwrap(learn.model, 'cal').clf, bn:bool=True, check:bool=True): store_attr()
     def before_fit(self):
         m = self.get(self.learn)
         freeze_model(m, self.bn)
@@ -213,7 +208,7 @@ def endless(dl, what:str='target DataLoader'):
 
 def calibrator_splitter(m:nn.Module) -> list:
     "fastai splitter: only the calibrator's parameters are trained"
-    return [params(unwrap(m).cal)]
+    return [params(unwrap(m, 'cal').cal)]
 
 def _ce_to(logits, k): return F.cross_entropy(logits.float(), torch.full((len(logits),), k, dtype=torch.long, device=logits.device))
 
@@ -231,7 +226,7 @@ class CalibratorCallback(StatefulCallback):
     @property
     def discriminators(self): return [self.d_out, self.d_pix] if self.use_pix else [self.d_out]
     @property
-    def cm(self) -> CalibratedModel: return unwrap(self.learn.model)
+    def cm(self) -> CalibratedModel: return unwrap(self.learn.model, 'cal')
 
     def before_fit(self):
         if not isinstance(self.cm, CalibratedModel): raise TypeError(f"CalibratorCallback needs a CalibratedModel, got {type(self.cm).__name__}")

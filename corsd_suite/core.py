@@ -6,7 +6,7 @@ Docs: https://corsd-suite.github.io/corsd_suite/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #b75b6d9f
 from __future__ import annotations
-import random, os, math, time
+import random, os, re, math, time
 import numpy as np, torch
 from torch import nn
 from fastcore.all import *
@@ -14,8 +14,9 @@ from pathlib import Path
 from fastai.callback.hook import hook_outputs
 
 # %% auto #0
-__all__ = ['DEMO_ROWS', 'seed_everything', 'best_device', 'model_device', 'get_stages', 'StageHooks', 'stage_features',
-           'StatefulCallback', 'check_finite', 'check_images', 'demo_row']
+__all__ = ['DEMO_ROWS', 'BENCHMARK_URL', 'seed_everything', 'best_device', 'model_device', 'unwrap', 'get_stages', 'StageHooks',
+           'stage_features', 'StatefulCallback', 'check_finite', 'check_images', 'demo_row', 'benchmark_markdown',
+           'show_benchmark']
 
 # %% ../nbs/00_core.ipynb #28e38d76
 def seed_everything(seed:int=42, deterministic:bool=False):
@@ -51,10 +52,17 @@ def _broadcast(self:DistributedDL, t, rank):
     dist.broadcast(t, rank)
     return t.cpu().tolist()
 
-# %% ../nbs/00_core.ipynb #7c55f0c3
+# %% ../nbs/00_core.ipynb #1ada01c9
+def unwrap(m:nn.Module, found:type|str|None=None) -> nn.Module:
+    "`m` without the fastai/DDP wrappers that hold it as `.module`, stopping at an instance of `found` (a class or attribute name)"
+    hit = (lambda o: isinstance(o, found)) if isinstance(found, (type, tuple)) else (lambda o: found is not None and hasattr(o, found))
+    while not hit(m) and isinstance(getattr(m, 'module', None), nn.Module): m = m.module
+    return m
+
+# %% ../nbs/00_core.ipynb #7d40f1dd
 def get_stages(m:nn.Module) -> list:
     "The ordered stages of a zoo model (also through fastai/DDP wrappers that hold it as `.module`)"
-    while not hasattr(m, 'stages') and hasattr(m, 'module'): m = m.module
+    m = unwrap(m, 'stages')
     if not hasattr(m, 'stages'):
         raise AttributeError(f"{type(m).__name__} has no `stages`: build it with `corsd_suite.models` or give it a `stages` ModuleList")
     return list(m.stages)
@@ -157,3 +165,26 @@ def demo_row(name:str, order:int=50):
         DEMO_ROWS[name] = (order, f)
         return f
     return _inner
+
+# %% ../nbs/00_core.ipynb #3aefdfd3
+BENCHMARK_URL = 'https://github.com/corsd-suite/corsd_suite/blob/main/benchmarks/results'
+
+def benchmark_markdown(name:str, results:Path|None=None) -> tuple:
+    "Text of `benchmarks/results/{name}.md` (links made absolute, images taken out) and the paths of its images"
+    import corsd_suite
+    results = Path(results or Path(corsd_suite.__file__).resolve().parents[1]/'benchmarks'/'results')
+    if not (results/f'{name}.md').exists():
+        return f"The measured results are in [{name}.md]({BENCHMARK_URL}/{name}.md) in the repository.", []
+    md = (results/f'{name}.md').read_text()
+    imgs = [results/p for p in re.findall(r'!\[[^\]]*\]\(([^)]+)\)', md)]
+    md = re.sub(r'!\[[^\]]*\]\([^)]+\)', '', md)
+    md = re.sub(r'\]\((?!https?:|#)([^)]+)\)', lambda m: f"]({BENCHMARK_URL}/{m.group(1)})", md)
+    return re.sub(r'\A# .*\n', '', md).strip(), [p for p in imgs if p.exists()]
+
+# %% ../nbs/00_core.ipynb #e5831eb9
+def show_benchmark(name:str, results:Path|None=None):
+    "Display the benchmark page `name` with its images, or a link to it outside a checkout"
+    from IPython.display import display, Markdown, Image
+    md, imgs = benchmark_markdown(name, results)
+    display(Markdown(md))
+    for p in imgs: display(Image(filename=str(p)))

@@ -14,7 +14,7 @@ from fastai.learner import Learner, Metric, ValueMetric, Callback
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 import fastai.callback.schedule  # fit_one_cycle
-from .core import get_stages, stage_features, check_finite, check_images, model_device, seed_everything, demo_row
+from .core import unwrap, get_stages, stage_features, check_finite, check_images, model_device, seed_everything, demo_row
 from .models import conv_bn, get_model, count_params
 from .evaluate import eval_mode, evaluate_accuracy
 
@@ -133,16 +133,12 @@ class LossTerm(ValueMetric):
     def value(self): return self.cb.term_avg(self.metric_name)
 
 # %% ../nbs/10_corsd.ipynb #62ac490b
-def _unwrap(m):
-    while not isinstance(m, MultiExitNet) and hasattr(m, 'module'): m = m.module
-    return m
-
 class SelfDistillCallback(Callback):
     "Base: run the exits of a `MultiExitNet`, add `loss_terms` to the training loss, record them, add exit metrics"
     order, term_names, min_bs = 5, (), 1  # before MixedPrecision (10) and DistributedTrainer (11)
     def __init__(self, add_metrics:bool=True): self.add_metrics = add_metrics
     def net(self) -> MultiExitNet:
-        m = _unwrap(self.learn.model)
+        m = unwrap(self.learn.model, MultiExitNet)
         if not isinstance(m, MultiExitNet):
             raise TypeError(f"{type(self).__name__} needs a `MultiExitNet` (wrap the model with `multi_exit`), got {type(m).__name__}")
         return m
@@ -247,7 +243,7 @@ def exit_learner(dls, arch:str='resnet8', method:str='corsd', cbs=None, metrics=
 # %% ../nbs/10_corsd.ipynb #04295ad9
 def exit_accuracies(model:MultiExitNet, dl) -> dict:
     "Accuracy of every exit (`exit1`…, `deepest`) and of their softmax `ensemble` over `dl`"
-    model, dev = _unwrap(model), model_device(model)
+    model, dev = unwrap(model, MultiExitNet), model_device(model)
     correct, n = None, 0
     with eval_mode(model), torch.no_grad():
         for xb,yb in dl:
@@ -262,7 +258,7 @@ def exit_accuracies(model:MultiExitNet, dl) -> dict:
 # %% ../nbs/10_corsd.ipynb #4f3dc432
 def relation_matrices(model:MultiExitNet, x) -> list:
     "Same-class probabilities `(B,B)` predicted by each exit's relation network for the batch `x` (eval mode)"
-    model = _unwrap(model)
+    model = unwrap(model, MultiExitNet)
     if model.relations is None: raise ValueError("the model has no relation networks")
     with eval_mode(model), torch.no_grad(): _, ex = model.exits(x.to(model_device(model)))
     return [torch.sigmoid(c).cpu() for c in ex['rel_logits']]

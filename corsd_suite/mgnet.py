@@ -14,7 +14,7 @@ from fastai.learner import Learner, Metric
 from fastai.metrics import accuracy
 from fastai.torch_core import params
 import fastai.callback.schedule
-from .core import check_images, check_finite, demo_row, seed_everything
+from .core import check_images, check_finite, demo_row, seed_everything, unwrap
 from .models import get_model
 from .evaluate import count_flops, evaluate_accuracy, eval_mode
 
@@ -154,7 +154,7 @@ class MGNet(nn.Module):
 # %% ../nbs/20_mgnet.ipynb #6f85b2bb
 def mgnet_of(m:nn.Module) -> MGNet:
     "The `MGNet` inside `m` (through fastai/DDP wrappers that hold it as `.module`)"
-    while not isinstance(m, MGNet) and hasattr(m, 'module'): m = m.module
+    m = unwrap(m, MGNet)
     if not isinstance(m, MGNet): raise TypeError(f"expected an MGNet, got {type(m).__name__}")
     return m
 

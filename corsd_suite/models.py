@@ -14,7 +14,7 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 import fastai.callback.schedule  # Learner.fit_one_cycle and friends
-from .core import get_stages
+from .core import get_stages, unwrap
 
 # %% auto #0
 __all__ = ['MODELS', 'Normalize', 'StagedNet', 'staged_splitter', 'pool_head', 'conv_bn', 'lenet5', 'count_params', 'BasicBlock',
@@ -50,7 +50,7 @@ class StagedNet(nn.Module):
 # %% ../nbs/02_models.ipynb #59892a83
 def staged_splitter(m:nn.Module) -> list:
     "fastai splitter: body parameters, then head parameters"
-    while not hasattr(m, 'head') and hasattr(m, 'module'): m = m.module
+    m = unwrap(m, 'head')
     return [params(m.norm)+params(m.stem)+params(m.stages), params(m.head)]
 
 # %% ../nbs/02_models.ipynb #f37e6d25

@@ -20,7 +20,7 @@ import fastai.callback.schedule  # Learner.fit_one_cycle
 from .core import check_images, check_finite, model_device, seed_everything, demo_row
 from .data import ImageSet, image_dls, unseen_transform, UNSEEN_TRANSFORMS
 from .evaluate import grad_steps, eval_mode
-from .calibrator import Calibrator, CalibratedModel, FreezeClassifier, freeze_model, unwrap, calibrator_splitter
+from .calibrator import Calibrator, CalibratedModel, FreezeClassifier, freeze_model, calibrator_splitter
 
 # %% auto #0
 __all__ = ['check_eval', 'is_quantized', 'attention_mask', 'reverse_labels', 'reverse_pgd', 'ReverseAdvCallback', 'AttentionGate',

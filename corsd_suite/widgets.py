@@ -10,7 +10,7 @@ import copy, importlib, io
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from fastcore.all import *
-from .core import check_images, model_device
+from .core import check_images, model_device, unwrap
 from .evaluate import eval_mode, grad_steps
 
 # %% auto #0
@@ -208,8 +208,7 @@ class ExitPanel(Panel):
     @classmethod
     def make(cls, model, x, y, classes=None):
         corsd = _module('corsd', 'MultiExitNet')
-        m = model
-        while not isinstance(m, getattr(corsd, 'MultiExitNet', ())) and hasattr(m, 'module'): m = m.module
+        m = unwrap(model, getattr(corsd, 'MultiExitNet', ()))
         if corsd is None or not isinstance(m, corsd.MultiExitNet): return None
         return cls(m, x, y, classes)
     def __init__(self, model, x, y, classes=None):

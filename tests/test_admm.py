@@ -108,4 +108,5 @@ def test_demo_row():
     order, f = DEMO_ROWS['ADMM']
     row = f(True)
     assert order == 40 and {'method', 'metric', 'baseline', 'result', 'note'} <= set(row)
-    assert 0.5 < row['baseline'] <= 1 and 0 <= row['result'] <= 1 and 'x fewer weights' in row['note']
+    assert 0.5 < row['baseline'] <= 1 and 'x fewer weights' in row['note']
+    assert 0.85 < row['result'] <= 1, f"ADMM at 71x lost too much on the digits: {row}"   # 95.0% measured (dense 98.1%)
