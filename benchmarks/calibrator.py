@@ -14,7 +14,7 @@ from fastai.optimizer import Adam
 from common import write_result, mean_std, fmt_ms, md_table
 from corsd_suite.core import seed_everything
 from corsd_suite.data import domain_pair, image_dls, TensorDL
-from corsd_suite.evaluate import evaluate_accuracy
+from corsd_suite.evaluate import evaluate_accuracy, pbar
 from corsd_suite.models import count_params
 from corsd_suite.calibrator import dtn, Calibrator, calibrator_learner, adabn, dann_adapt, CalibratorCallback
 
@@ -46,7 +46,7 @@ def quiet_fit(learn, n, lr):
 
 t_all = time.time()
 rows, per_seed = [], []
-for seed in range(SEEDS):
+for seed in pbar(range(SEEDS), 'seeds'):
     seed_everything(seed)
     pair = domain_pair('mnist', 'usps', size=SIZE, n_channels=1, seed=seed, n_per_class=NPC or None)
     log(pair.protocol)

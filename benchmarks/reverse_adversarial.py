@@ -8,6 +8,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np, torch, torch.nn.functional as F
 from common import write_result, md_table
 from corsd_suite.core import seed_everything
+from corsd_suite.evaluate import pbar
 from corsd_suite.data import load_dataset, image_dls, CropFlip, UNSEEN_TRANSFORMS
 from corsd_suite.models import zoo_learner, count_params
 from corsd_suite.reverse_adversarial import (adapt_to_scene, reverse_calibrator, reverse_pgd, quantize_int8,
@@ -147,7 +148,7 @@ def main():
     torch.set_num_threads(1)
     t00 = time.time()
     data, rows, per_run = {}, [], {}
-    for run in a.runs.split(','):
+    for run in pbar(a.runs.split(','), 'runs'):
         arch, ds_name = run.split('@')
         for seed in a.seeds:
             t0 = time.time()

@@ -12,6 +12,7 @@ import numpy as np, pandas as pd, torch
 from torch import nn
 from fastcore.all import *
 from fastai.callback.core import Callback
+import fastai.callback.schedule  # Learner.fit_one_cycle, used by admm_prune
 from .core import StatefulCallback, check_finite, seed_everything, demo_row, unwrap
 
 # %% auto #0

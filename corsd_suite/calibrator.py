@@ -399,7 +399,7 @@ class GradReverse(torch.autograd.Function):
 
 def dann_adapt(clf:StagedNet, source_dl, target_dl, iters:int=1000, lr:float=1e-4, wd:float=5e-4, hidden:int=500) -> StagedNet:
     "DANN baseline: fine-tune `clf` (in place) on source labels with a gradient-reversed domain classifier on its features"
-    dev = model_device(clf)
+    dev = model_device(clf.requires_grad_(True))   # it fine-tunes the classifier, also one frozen before
     with torch.no_grad(): nf = clf.features(next(iter(source_dl))[0][:2].to(dev)).flatten(1).shape[1]
     disc = nn.Sequential(nn.Linear(nf, hidden), nn.ReLU(True), nn.Linear(hidden, hidden), nn.ReLU(True), nn.Linear(hidden, 2)).to(dev)
     opt = torch.optim.Adam(list(clf.parameters()) + list(disc.parameters()), lr=lr, weight_decay=wd)

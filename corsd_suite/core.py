@@ -52,14 +52,14 @@ def _broadcast(self:DistributedDL, t, rank):
     dist.broadcast(t, rank)
     return t.cpu().tolist()
 
-# %% ../nbs/00_core.ipynb #1ada01c9
+# %% ../nbs/00_core.ipynb #b28827bb
 def unwrap(m:nn.Module, found:type|str|None=None) -> nn.Module:
     "`m` without the fastai/DDP wrappers that hold it as `.module`, stopping at an instance of `found` (a class or attribute name)"
     hit = (lambda o: isinstance(o, found)) if isinstance(found, (type, tuple)) else (lambda o: found is not None and hasattr(o, found))
     while not hit(m) and isinstance(getattr(m, 'module', None), nn.Module): m = m.module
     return m
 
-# %% ../nbs/00_core.ipynb #7d40f1dd
+# %% ../nbs/00_core.ipynb #1eadd391
 def get_stages(m:nn.Module) -> list:
     "The ordered stages of a zoo model (also through fastai/DDP wrappers that hold it as `.module`)"
     m = unwrap(m, 'stages')
@@ -166,7 +166,7 @@ def demo_row(name:str, order:int=50):
         return f
     return _inner
 
-# %% ../nbs/00_core.ipynb #3aefdfd3
+# %% ../nbs/00_core.ipynb #8b9df6de
 BENCHMARK_URL = 'https://github.com/corsd-suite/corsd_suite/blob/main/benchmarks/results'
 
 def benchmark_markdown(name:str, results:Path|None=None) -> tuple:
@@ -181,7 +181,7 @@ def benchmark_markdown(name:str, results:Path|None=None) -> tuple:
     md = re.sub(r'\]\((?!https?:|#)([^)]+)\)', lambda m: f"]({BENCHMARK_URL}/{m.group(1)})", md)
     return re.sub(r'\A# .*\n', '', md).strip(), [p for p in imgs if p.exists()]
 
-# %% ../nbs/00_core.ipynb #e5831eb9
+# %% ../nbs/00_core.ipynb #2bc97237
 def show_benchmark(name:str, results:Path|None=None):
     "Display the benchmark page `name` with its images, or a link to it outside a checkout"
     from IPython.display import display, Markdown, Image

@@ -262,7 +262,6 @@ def render(proc_dir:Path, site:Path, cfg:dict) -> dict:
     page_of = {src: out for src, (out, _, _) in metas.items()}
     for src, out in list(page_of.items()):
         page_of[str(Path(src).with_suffix('.qmd'))] = out; page_of[str(Path(src).with_suffix('.md'))] = out
-    nav = _nav_html(proc_dir, metas)
     exporter = HTMLExporter(template_name='lab')
     pages = {}
     for src, (out, title, d) in metas.items():
@@ -271,6 +270,7 @@ def render(proc_dir:Path, site:Path, cfg:dict) -> dict:
         t, desc = heads[src]   # Quarto shows the front matter's title and description at the top of the page
         head = (f'<header style="padding:0 12px 0 104px"><h1 class="title">{html.escape(str(t))}</h1>'
                 f'<p class="description"><em>{html.escape(str(desc))}</em></p></header>')
+        nav = _nav_html(proc_dir, metas, '../'*len(Path(src).parent.parts))   # sidebar hrefs are relative to nbs/
         body = re.sub(r'(<body[^>]*>)', lambda m: m.group(1) + nav + head, body, count=1)
         body = _rewrite_links(body, Path(src).parent, page_of, cfg)
         dest = site/out
@@ -279,13 +279,13 @@ def render(proc_dir:Path, site:Path, cfg:dict) -> dict:
         pages[out] = src
     return pages
 
-def _nav_html(proc_dir:Path, metas:dict) -> str:
-    "The sidebar as a plain nav (links point at sources; they are rewritten like every other link)"
+def _nav_html(proc_dir:Path, metas:dict, up:str='') -> str:
+    "The sidebar as a plain nav for a page `up` levels below nbs/ (links point at sources; rewritten like every other link)"
     items = []
     for text, href in sidebar_entries(proc_dir):
         if href is None: items.append(f'<li><b>{text[2:]}</b></li>'); continue
         title = text or (metas[href][1] if href in metas else href)
-        items.append(f'<li><a class="docs-check-nav" href="{href}">{title}</a></li>')
+        items.append(f'<li><a class="docs-check-nav" href="{up}{href}">{title}</a></li>')
     return ('<nav id="docs-check-sidebar" style="font:13px sans-serif;border-bottom:1px solid #ccc;padding:4px 12px">'
             '<ul style="display:flex;flex-wrap:wrap;gap:4px 14px;list-style:none;margin:0;padding:0">' + ''.join(items) + '</ul></nav>')
 
