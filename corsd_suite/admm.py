@@ -407,8 +407,8 @@ def admm_row(quick:bool=True) -> dict:
     dense = evaluate_accuracy(learn.model, learn.dls.valid, show=False)
     e = 1 if quick else 2
     with learn.no_bar(), learn.no_logging():
-        admm_prune(learn, lenet5_targets(), admm_epochs=6*e, retrain_epochs=3*e, lr=3e-3, rho=3e-3,
-                   rho_schedule=(1.5, .1), every=3, unit='batch')
+        admm_prune(learn, lenet5_targets(), admm_epochs=6*e, retrain_epochs=3*e, lr=3e-3, rho=1e-2,
+                   rho_schedule=(1.5, .3), every=12, unit='batch')
     rep = compression_report(learn.model)
     return dict(method='ADMM (LeNet-5)', metric='digits valid accuracy', baseline=dense,
                 result=evaluate_accuracy(learn.model, learn.dls.valid, show=False),
