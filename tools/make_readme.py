@@ -32,5 +32,6 @@ nb.cells = cells
 # the first markdown cell holds the title and the "> summary" line, as nbdev writes it
 body, _ = MarkdownExporter().from_notebook_node(nb)
 body = re.sub(r'\n{3,}', '\n\n', body)
+body = re.sub(r'\]\((?!https?:|#|/)([^)]+\.ipynb)\)', r'](nbs/\1)', body)   # notebook links from the repository root
 (root/'README.md').write_text('<!-- generated from nbs/index.ipynb by tools/make_readme.py; edit the notebook -->\n\n' + body)
 print(f"wrote README.md ({len(body):,} characters)")
