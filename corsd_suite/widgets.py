@@ -47,6 +47,13 @@ def _module(name:str, *attrs):
     except ImportError: return None
     return mod if all(hasattr(mod, a) for a in attrs) else None
 
+def _inner(model, name:str, cls_name:str):
+    "The `corsd_suite.<name>.<cls_name>` network inside `model` (through `.module` wrappers), or None"
+    c = getattr(_module(name, cls_name), cls_name, None)
+    if c is None: return None
+    m = unwrap(model, c)
+    return m if isinstance(m, c) else None
+
 class Panel:
     "Base class of explorer panels (see the text above)"
     title, params, static = 'panel', {}, []
@@ -174,9 +181,7 @@ class GlimpsePanel(Panel):
     @classmethod
     def make(cls, model, x, y, classes=None):
         mg = _module('mgnet', 'mgnet_of', 'glimpse_boxes')
-        if mg is None: return None
-        try: mg.mgnet_of(model)
-        except TypeError: return None
+        if mg is None or _inner(model, 'mgnet', 'MGNet') is None: return None
         return cls(model, x, y, classes, mg)
     def __init__(self, model, x, y, classes=None, mg=None):
         super().__init__(model, x, y, classes)
@@ -207,10 +212,8 @@ class ExitPanel(Panel):
     title = 'exits'
     @classmethod
     def make(cls, model, x, y, classes=None):
-        corsd = _module('corsd', 'MultiExitNet')
-        m = unwrap(model, getattr(corsd, 'MultiExitNet', ()))
-        if corsd is None or not isinstance(m, corsd.MultiExitNet): return None
-        return cls(m, x, y, classes)
+        m = _inner(model, 'corsd', 'MultiExitNet')
+        return None if m is None else cls(m, x, y, classes)
     def __init__(self, model, x, y, classes=None):
         super().__init__(model, x, y, classes)
         with torch.no_grad(): _, ex = model.exits(x)
