@@ -223,6 +223,14 @@ def report(a, rows, per_run, t00):
                  int8_teacher=pct(r['int8_teacher_refined']), oracle=pct(r['oracle_true_fgsm']), cal_on_clean=pct(r['calibrated_clean'])) for r in rows]
     quick = not a.full
     done = sorted({f"{r['arch']}@{r['dataset']}" for r in rows})
+    by_ds = [dict(arch=arch, dataset=ds, frozen=pct(np.mean([r['frozen'] for r in rs])), calibrated=pct(np.mean([r['calibrated'] for r in rs])),
+                  gain=f"{100*np.mean([r['calibrated']-r['frozen'] for r in rs]):+.1f}", int8_frozen=pct(np.mean([r['int8_frozen'] for r in rs])),
+                  int8_calibrated=pct(np.mean([r['int8_calibrated'] for r in rs])),
+                  int8_gain=f"{100*np.mean([r['int8_calibrated']-r['int8_frozen'] for r in rs]):+.1f}", finetune=pct(np.mean([r['finetune'] for r in rs])),
+                  transformations=len(rs))
+             for arch, ds in dict.fromkeys((r['arch'], r['dataset']) for r in rows)
+             for rs in [[r for r in rows if (r['arch'], r['dataset']) == (arch, ds)]]]
+    fmnist_archs = sorted({r['arch'] for r in rows if r['dataset'] == 'fashion_mnist'})
     md = f"""Runs with results: {', '.join(done)} ({time.time()-t00:.0f} s of compute{', merged from parallel partial runs ' + a.merge if a.merge else ''}).
 Protocol ({'QUICK, reduced for 2 shared CPU cores' if quick else 'full'}): runs {a.runs}; seeds {a.seeds}.
 Base models trained on {a.n_train} images/class of the training split for {a.base_epochs} epochs (Adam one-cycle, random
@@ -237,9 +245,9 @@ int8 = PyTorch FX post-training static quantization (x86 kernels, 512 calibratio
 through a straight-through estimator (int8 forward, float gradient). `int8_teacher` = reverse PGD with the float
 model's label and gradient, classified by the int8 model. Times: ms per image, batch 250, 1 thread, on a CPU shared
 with other jobs (noisy). Transformations: {', '.join(a.tfms)}.
-{'Deviations from the issue protocol (for time): MobileNetV2 at width 0.25 and ResNet-8 (not ResNet-20); only LeNet-5 on Fashion-MNIST; a subset of the suite; 1 seed; small subsets. The full protocol: `--full`.' if quick else ''}
+{f"Deviations from the issue protocol (for time): MobileNetV2 at width 0.25 and ResNet-8 (not ResNet-20); Fashion-MNIST for {', '.join(fmnist_archs) or 'no architecture'}; {'the whole suite' if len(a.tfms) == len(UNSEEN_TRANSFORMS) else 'a subset of the suite'}; 1 seed; small subsets. The full protocol: `--full`." if quick else ''}
 
-{'This file merges runs made in parallel (`--runs X --out NAME`) and is reproduced sequentially, all four runs, by `CORSD_DATA=<data> python benchmarks/reverse_adversarial.py`.' if a.merge else ''}
+{f"This file merges runs made in parallel (`--runs X --out NAME`); `CORSD_DATA=<data> python benchmarks/reverse_adversarial.py --runs {','.join(done)} --tfms {'all' if len(a.tfms) == len(UNSEEN_TRANSFORMS) else ','.join(a.tfms)} --epochs {a.epochs}` reproduces them sequentially." if a.merge else ''}
 {'Runs unfinished at the deadline are included with the transformations they completed (column `transformations`; their timings are n/a); parsed from their logs.' if a.logs else ''}
 
 ## Mean accuracy (%) over transformations, per architecture
@@ -249,6 +257,10 @@ with other jobs (noisy). Transformations: {', '.join(a.tfms)}.
 Target (issue): calibrator gain >= +10 points for every architecture, float and int8, calibrator < 10% of the model's
 parameters. Met: {', '.join(f"{k}: {'yes' if v['target_met'] else 'no'}" + ('' if len(v['transformations']) == len(a.tfms) else f" (unfinished: {len(v['transformations'])} of {len(a.tfms)} transformations)") for k,v in summary.items())}.
 The paper's abstract reports +19.02 (float, CIFAR-10-scale models) and +30.78 (quantized); different data and models.
+
+## Mean accuracy (%) over transformations, per architecture and dataset
+
+{md_table(by_ds)}
 
 ## Per transformation
 

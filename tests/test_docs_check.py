@@ -1,5 +1,5 @@
 "Tests of the docs check (docs_check/check.py) on a tiny nbdev project with one deliberately broken page per fault"
-import base64, io, json, os, shutil, subprocess, sys
+import base64, io, json, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -102,7 +102,6 @@ def test_each_fault_is_found_when_executed(tmp_path):
     assert rep['pages']['good.html']['n_images'] == 1         # the executed matplotlib figure
     assert any('boom' in f['detail'] for f in rep['pages']['traceback.html']['faults'])
 
-@pytest.mark.skipif(not os.environ.get('CORSD_SLOW'), reason='slow: set CORSD_SLOW=1')
 @pytest.mark.parametrize('page', ['traceback', 'image', 'link'])
 def test_each_fault_alone_fails(tmp_path, page):
     "A project whose only fault is one broken page fails (stored outputs: the traceback is a stored error output)"
