@@ -42,10 +42,13 @@ def get_args():
     p.add_argument('--arch', default='resnet8'); p.add_argument('--width', type=float, default=0.5)
     p.add_argument('--glimpses', type=int, default=3); p.add_argument('--down', type=float, default=2.5)
     p.add_argument('--alpha', type=float, default=0.6)
+    p.add_argument('--scale', default='0.3,0.7', help="glimpse scale range 'min,max' (the paper's ImageNet default: 0.2,0.5)")
+    p.add_argument('--out', default='mgnet', help='result name (benchmarks/results/OUT.json/.md/_pgd.png)')
     p.add_argument('--eps', default='0,0.02,0.05,0.1,0.2,0.3')
     p.add_argument('--steps', type=int, default=10)
     a = p.parse_args()
     if a.full: a.seeds, a.n_per_class, a.epochs, a.n_test, a.n_corrupt, a.n_attack, a.n_sanity = 3, 1000, 15, 10000, 1000, 1000, 500
+    a.scale_min, a.scale_max = (float(v) for v in a.scale.split(','))
     return a
 
 class EpochTimer(Callback):
@@ -62,7 +65,8 @@ def run_model(kind, a, seed, trn, tst, eps_list):
     dls = image_dls(trn, tst, bs=64, device='cpu')
     timer = EpochTimer()
     if kind == 'baseline': learn = backbone_learner(dls, a.arch, cbs=timer, width=a.width)
-    else: learn = mgnet_learner(dls, a.arch, a.glimpses, a.down, alpha=a.alpha, arch_kw=dict(width=a.width), cbs=timer)
+    else: learn = mgnet_learner(dls, a.arch, a.glimpses, a.down, alpha=a.alpha, arch_kw=dict(width=a.width), cbs=timer,
+                                scale_min=a.scale_min, scale_max=a.scale_max)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(a.epochs, a.lr)
     m = learn.model.eval()
     r = dict(sec_per_epoch=float(np.mean(timer.times)), clean_acc=evaluate_accuracy(m, batches(tst.x, tst.y), show=False))
@@ -119,8 +123,8 @@ def main():
                    mgnet_pgd_acc=np.mean([r['mgnet']['pgd_acc'] for r in res], 0).tolist(),
                    baseline_sec_per_epoch=ms('baseline', lambda r: r['sec_per_epoch'])['mean'],
                    mgnet_sec_per_epoch=ms('mgnet', lambda r: r['sec_per_epoch'])['mean'],
-                   seeds=list(range(a.seeds)), protocol='full' if a.full else 'reduced')
-    plot(eps_list, res, RESULTS/'mgnet_pgd.png')
+                   seeds=list(range(a.seeds)), scale_range=[a.scale_min, a.scale_max], protocol='full' if a.full else 'reduced')
+    plot(eps_list, res, RESULTS/f'{a.out}_pgd.png')
     targets = dict(clean_within_1pt_at_half_flops=bool(summary['mgnet_clean_acc'] >= summary['baseline_clean_acc'] - 0.01 and fl['ratio'] <= 0.5),
                    corruption_above_baseline=bool(summary['mgnet_corruption_acc'] > summary['baseline_corruption_acc']),
                    pgd_above_baseline_every_eps=bool(all(m > b for m, b, e in zip(summary['mgnet_pgd_acc'], summary['baseline_pgd_acc'], eps_list) if e > 0)))
@@ -138,7 +142,7 @@ def main():
              f"balanced test images cluttered with the fixed seed 12345. Both models: `{a.arch}` (width {a.width}), Adam "
              f"(fastai default), one-cycle lr {a.lr}, {a.epochs} epochs, batch 64, no augmentation, seeds {list(range(a.seeds))}. "
              f"MGNet: {a.glimpses} glimpses, down factor {a.down} (24×24 glimpses at the default), alpha {a.alpha}, "
-             f"localization gradient scale 0.02, scale range 0.2–0.5, tight-crop translation. Corruptions: 15 ImageNet-C types × "
+             f"localization gradient scale 0.02, scale range {a.scale_min}–{a.scale_max}, tight-crop translation. Corruptions: 15 ImageNet-C types × "
              f"5 severities on the first {a.n_corrupt} test images. PGD L∞: {a.steps} steps of 2.5·eps/{a.steps}, random "
              f"start, on the first {a.n_attack} test images; sanity checks on {a.n_sanity}. One CPU thread, on a 2-core "
              f"machine shared with other jobs (seconds per epoch are comparable between the two models, not in absolute terms).")
@@ -147,10 +151,10 @@ def main():
                   "smaller test subsets): `--full` runs 3 seeds, 1000/class, 15 epochs and larger test subsets.")
     md = (f"{proto}\n\n{md_table(rows)}\n\nFLOPs ratio MGNet/baseline: **{fl['ratio']:.1%}** "
           f"(`torch.utils.flop_counter`; bilinear sampling not counted).\n\n"
-          f"PGD accuracy (%), same steps and step size for both models:\n\n{md_table(pgd_rows)}\n\n![PGD curve](mgnet_pgd.png)\n\n"
+          f"PGD accuracy (%), same steps and step size for both models:\n\n{md_table(pgd_rows)}\n\n![PGD curve]({a.out}_pgd.png)\n\n"
           f"Gradient-masking checks (accuracy %, at eps {res[0]['mgnet']['sanity']['eps']}): more steps, 3 random restarts, "
           f"and no random start must not raise accuracy above the 10-step attack (beyond noise):\n\n{md_table(san_rows)}\n\n"
           f"Targets: {targets}\n" + NOTES)
-    write_result('mgnet', summary, dict(args=vars(a), runs=res), md, time.time() - t_start)
+    write_result(a.out, summary, dict(args=vars(a), runs=res), md, time.time() - t_start)
 
 if __name__ == '__main__': main()
