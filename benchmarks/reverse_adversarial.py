@@ -193,10 +193,11 @@ def report(a, rows, per_run, t00):
     # summary keyed by architecture (means over datasets, seeds and transformations)
     summary, md_rows = {}, []
     keys = ['frozen', 'calibrated', 'refined', 'finetune', 'int8_frozen', 'int8_calibrated', 'int8_teacher_refined', 'oracle_true_fgsm', 'calibrated_clean']
+    means = lambda rs: {k: float(np.mean([r[k] for r in rs])) for k in keys}
     for arch in dict.fromkeys(r['arch'] for r in rows):
         rs = [r for r in rows if r['arch'] == arch]
         pr = [v for k,v in per_run.items() if k[0] == arch]
-        m = {k: float(np.mean([r[k] for r in rs])) for k in keys}
+        m = means(rs)
         summary[arch] = dict(frozen_mean_acc=m['frozen'], calibrated_mean_acc=m['calibrated'], refined_mean_acc=m['refined'],
             finetune_mean_acc=m['finetune'], int8_frozen_mean_acc=m['int8_frozen'], int8_calibrated_mean_acc=m['int8_calibrated'],
             int8_teacher_refined_mean_acc=m['int8_teacher_refined'], oracle_true_label_fgsm_mean_acc=m['oracle_true_fgsm'],
@@ -223,13 +224,14 @@ def report(a, rows, per_run, t00):
                  int8_teacher=pct(r['int8_teacher_refined']), oracle=pct(r['oracle_true_fgsm']), cal_on_clean=pct(r['calibrated_clean'])) for r in rows]
     quick = not a.full
     done = sorted({f"{r['arch']}@{r['dataset']}" for r in rows})
-    by_ds = [dict(arch=arch, dataset=ds, frozen=pct(np.mean([r['frozen'] for r in rs])), calibrated=pct(np.mean([r['calibrated'] for r in rs])),
-                  gain=f"{100*np.mean([r['calibrated']-r['frozen'] for r in rs]):+.1f}", int8_frozen=pct(np.mean([r['int8_frozen'] for r in rs])),
-                  int8_calibrated=pct(np.mean([r['int8_calibrated'] for r in rs])),
-                  int8_gain=f"{100*np.mean([r['int8_calibrated']-r['int8_frozen'] for r in rs]):+.1f}", finetune=pct(np.mean([r['finetune'] for r in rs])),
-                  transformations=len(rs))
-             for arch, ds in dict.fromkeys((r['arch'], r['dataset']) for r in rows)
-             for rs in [[r for r in rows if (r['arch'], r['dataset']) == (arch, ds)]]]
+    by_ds = []
+    for arch, ds in dict.fromkeys((r['arch'], r['dataset']) for r in rows):
+        rs = [r for r in rows if (r['arch'], r['dataset']) == (arch, ds)]
+        m = means(rs)
+        by_ds.append(dict(arch=arch, dataset=ds, frozen=pct(m['frozen']), calibrated=pct(m['calibrated']),
+                          gain=f"{100*(m['calibrated']-m['frozen']):+.1f}", int8_frozen=pct(m['int8_frozen']),
+                          int8_calibrated=pct(m['int8_calibrated']), int8_gain=f"{100*(m['int8_calibrated']-m['int8_frozen']):+.1f}",
+                          finetune=pct(m['finetune']), transformations=len(rs)))
     fmnist_archs = sorted({r['arch'] for r in rows if r['dataset'] == 'fashion_mnist'})
     md = f"""Runs with results: {', '.join(done)} ({time.time()-t00:.0f} s of compute{', merged from parallel partial runs ' + a.merge if a.merge else ''}).
 Protocol ({'QUICK, reduced for 2 shared CPU cores' if quick else 'full'}): runs {a.runs}; seeds {a.seeds}.
