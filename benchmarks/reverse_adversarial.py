@@ -233,6 +233,7 @@ def report(a, rows, per_run, t00):
                           int8_calibrated=pct(m['int8_calibrated']), int8_gain=f"{100*(m['int8_calibrated']-m['int8_frozen']):+.1f}",
                           finetune=pct(m['finetune']), transformations=len(rs)))
     fmnist_archs = sorted({r['arch'] for r in rows if r['dataset'] == 'fashion_mnist'})
+    whole_suite = len(a.tfms) == len(UNSEEN_TRANSFORMS)
     md = f"""Runs with results: {', '.join(done)} ({time.time()-t00:.0f} s of compute{', merged from parallel partial runs ' + a.merge if a.merge else ''}).
 Protocol ({'QUICK, reduced for 2 shared CPU cores' if quick else 'full'}): runs {a.runs}; seeds {a.seeds}.
 Base models trained on {a.n_train} images/class of the training split for {a.base_epochs} epochs (Adam one-cycle, random
@@ -247,9 +248,9 @@ int8 = PyTorch FX post-training static quantization (x86 kernels, 512 calibratio
 through a straight-through estimator (int8 forward, float gradient). `int8_teacher` = reverse PGD with the float
 model's label and gradient, classified by the int8 model. Times: ms per image, batch 250, 1 thread, on a CPU shared
 with other jobs (noisy). Transformations: {', '.join(a.tfms)}.
-{f"Deviations from the issue protocol (for time): MobileNetV2 at width 0.25 and ResNet-8 (not ResNet-20); Fashion-MNIST for {', '.join(fmnist_archs) or 'no architecture'}; {'the whole suite' if len(a.tfms) == len(UNSEEN_TRANSFORMS) else 'a subset of the suite'}; 1 seed; small subsets. The full protocol: `--full`." if quick else ''}
+{f"Deviations from the issue protocol (for time): MobileNetV2 at width 0.25 and ResNet-8 (not ResNet-20); Fashion-MNIST for {', '.join(fmnist_archs) or 'no architecture'}; {'the whole suite' if whole_suite else 'a subset of the suite'}; 1 seed; small subsets. The full protocol: `--full`." if quick else ''}
 
-{f"This file merges runs made in parallel (`--runs X --out NAME`); `CORSD_DATA=<data> python benchmarks/reverse_adversarial.py --runs {','.join(done)} --tfms {'all' if len(a.tfms) == len(UNSEEN_TRANSFORMS) else ','.join(a.tfms)} --epochs {a.epochs}` reproduces them sequentially." if a.merge else ''}
+{f"This file merges runs made in parallel (`--runs X --out NAME`); `CORSD_DATA=<data> python benchmarks/reverse_adversarial.py --runs {','.join(done)} --tfms {'all' if whole_suite else ','.join(a.tfms)} --epochs {a.epochs}` reproduces them sequentially." if a.merge else ''}
 {'Runs unfinished at the deadline are included with the transformations they completed (column `transformations`; their timings are n/a); parsed from their logs.' if a.logs else ''}
 
 ## Mean accuracy (%) over transformations, per architecture
