@@ -16,7 +16,7 @@ from corsd_suite.core import seed_everything
 from corsd_suite.data import load_dataset, cluttered, image_dls
 from corsd_suite.models import get_model
 from corsd_suite.evaluate import pbar, evaluate_accuracy, corruption_accuracy, attack_accuracy, pgd, CORRUPTIONS
-from corsd_suite.mgnet import mgnet_learner, backbone_learner, mgnet_flops
+from corsd_suite.mgnet import mgnet_learner, backbone_learner, mgnet_flops, CLUTTER_GLIMPSES
 
 NOTES = """
 Notes (design facts; observations on a particular run are written by hand below the generated text):
@@ -42,7 +42,8 @@ def get_args():
     p.add_argument('--arch', default='resnet8'); p.add_argument('--width', type=float, default=0.5)
     p.add_argument('--glimpses', type=int, default=3); p.add_argument('--down', type=float, default=2.5)
     p.add_argument('--alpha', type=float, default=0.6)
-    p.add_argument('--scale', default='0.3,0.7', help="glimpse scale range 'min,max' (the paper's ImageNet default: 0.2,0.5)")
+    p.add_argument('--scale', default='{scale_min},{scale_max}'.format(**CLUTTER_GLIMPSES),
+                   help="glimpse scale range 'min,max' (the paper's ImageNet default: 0.2,0.5)")
     p.add_argument('--out', default='mgnet', help='result name (benchmarks/results/OUT.json/.md/_pgd.png)')
     p.add_argument('--eps', default='0,0.02,0.05,0.1,0.2,0.3')
     p.add_argument('--steps', type=int, default=10)

@@ -19,9 +19,9 @@ from .models import get_model
 from .evaluate import count_flops, evaluate_accuracy, eval_mode
 
 # %% auto #0
-__all__ = ['grad_scale', 'glimpse_theta', 'take_glimpse', 'glimpse_boxes', 'MGNet', 'mgnet_of', 'MultiGlimpseLoss',
-           'GlimpseAccuracy', 'mgnet_splitter', 'mgnet_learner', 'backbone_learner', 'cluttered_digits_dls',
-           'show_glimpses', 'mgnet_flops', 'mgnet_row']
+__all__ = ['CLUTTER_GLIMPSES', 'grad_scale', 'glimpse_theta', 'take_glimpse', 'glimpse_boxes', 'MGNet', 'mgnet_of',
+           'MultiGlimpseLoss', 'GlimpseAccuracy', 'mgnet_splitter', 'mgnet_learner', 'backbone_learner',
+           'cluttered_digits_dls', 'show_glimpses', 'mgnet_flops', 'mgnet_row']
 
 # %% ../nbs/20_mgnet.ipynb #17424829
 class _GradScale(torch.autograd.Function):
@@ -224,6 +224,8 @@ def backbone_learner(dls, arch:str='resnet8', cbs=None, **arch_kw) -> Learner:
     return Learner(dls, m, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, splitter=staged_splitter)
 
 # %% ../nbs/20_mgnet.ipynb #4c1a033c
+CLUTTER_GLIMPSES = dict(scale_min=0.3, scale_max=0.7)   # glimpse scales for an object filling about half a cluttered frame
+
 def cluttered_digits_dls(canvas:int=32, digit_size:int=16, n_clutter:int=2, clutter_size:int=4, bs:int=64, seed:int=0, device='cpu'):
     "The embedded digits at `digit_size` on cluttered `canvas`×`canvas` frames, split 80/20, as `DataLoaders`"
     from corsd_suite.data import digits, cluttered, image_dls
@@ -275,7 +277,7 @@ def mgnet_row(quick:bool=True) -> dict:
         seed_everything(0)
         dls = cluttered_digits_dls()
         learn = (backbone_learner(dls, 'resnet8', width=0.5) if name == 'baseline' else
-                 mgnet_learner(dls, 'resnet8', 3, 2., arch_kw=dict(width=0.5), scale_min=0.3, scale_max=0.7))
+                 mgnet_learner(dls, 'resnet8', 3, 2., arch_kw=dict(width=0.5), **CLUTTER_GLIMPSES))
         with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, 1e-2)
         accs[name] = evaluate_accuracy(learn.model, dls.valid, show=False)
         if name == 'mgnet': flops = mgnet_flops(learn.model, get_model('resnet8', n_in=1, n_out=10, width=0.5), (1,32,32))['ratio']
