@@ -7,7 +7,6 @@ import sys, time, copy, argparse
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np, torch
-torch.set_num_threads(1)
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import Adam
@@ -28,8 +27,11 @@ p.add_argument('--clf_epochs', type=int, default=None)
 p.add_argument('--n_blocks', type=int, default=None)
 p.add_argument('--size', type=int, default=None)
 p.add_argument('--lr', type=float, default=1e-4, help='Adam lr of calibrator, discriminators and DANN (code: 1e-4)')
+p.add_argument('--bound', type=float, default=0.2, help="the calibrator's one-sided bound in pixel units (code, M→U: 0.4 in [-1, 1] units = 0.2)")
+p.add_argument('--threads', type=int, default=1, help='CPU threads for torch')
 p.add_argument('--out', default='calibrator', help='result name under benchmarks/results')
 a = p.parse_args()
+torch.set_num_threads(a.threads)
 full = a.full
 SEEDS = a.seeds or (3 if full else 1)
 ITERS = a.iters or (11400 if full else 200)
@@ -59,7 +61,7 @@ for seed in pbar(range(SEEDS), 'seeds'):
     lc = Learner(dls, clf, loss_func=CrossEntropyLossFlat(), opt_func=Adam)
     with lc.no_bar(), lc.no_logging(): lc.fit_one_cycle(CLF_EP, 2e-3)
     clf.eval()
-    r = dict(seed=seed, clf_seconds=time.time()-t0)
+    r = dict(seed=seed, clf_seconds=time.time()-t0, protocol=pair.protocol)
     r['source_only'] = evaluate_accuracy(clf, tgt_eval, show=False)
     r['source_plain'] = evaluate_accuracy(clf, src_test, show=False)
     log('source-only', r)
@@ -71,7 +73,7 @@ for seed in pbar(range(SEEDS), 'seeds'):
     n_ep = max(1, round(ITERS / len(dls.train)))
     for name, cf in (('cal', False), ('cal_code_bn', True)):
         seed_everything(seed)
-        learn = calibrator_learner(dls, copy.deepcopy(clf), tgt_adapt, cal=Calibrator(1, ngf=8, n_blocks=NB, bound=0.2),
+        learn = calibrator_learner(dls, copy.deepcopy(clf), tgt_adapt, cal=Calibrator(1, ngf=8, n_blocks=NB, bound=a.bound),
                                    code_faithful_bn=cf, d_lr=LR)
         t0 = time.time(); quiet_fit(learn, n_ep, LR); sec = time.time() - t0
         cb = learn.cbs.filter(lambda c: isinstance(c, CalibratorCallback))[0]
@@ -99,7 +101,7 @@ summary = dict(source_only_acc=ms('source_only')['mean'], adabn_acc=ms('adabn')[
                source_acc_calibrated_code_bn=ms('cal_code_bn_source')['mean'],
                calibrator_param_ratio=per_seed[0]['cal_params'] / per_seed[0]['clf_params'],
                seconds_per_iter_calibrator=ms('cal_s_per_iter')['mean'], iterations=per_seed[0]['cal_iters'],
-               seeds=SEEDS, full_protocol=full, command=' '.join(sys.argv))
+               seeds=SEEDS, bound=a.bound, lr=LR, full_protocol=full, command=' '.join(sys.argv))
 arms = [('source only', 'source_only', 'source_plain'), ('AdaBN only', 'adabn', 'adabn_source'),
         ('calibrator, frozen BN', 'cal', 'cal_source'), ('calibrator, code-faithful BN', 'cal_code_bn', 'cal_code_bn_source'),
         ('DANN (fine-tunes the classifier)', 'dann', 'dann_source')]
@@ -107,26 +109,28 @@ tab = md_table([{'arm': n, 'USPS eval acc (%)': fmt_ms(ms(k)), 'MNIST test acc (
 r0 = per_seed[0]
 md = f"""MNIST→USPS, last-iteration numbers (no model selection on target labels), {SEEDS} seed(s), mean ± std.
 
-Protocol: {pair.protocol}. Images {SIZE}×{SIZE} grey in [0, 1] (USPS is 16×16 natively; MNIST resized). Source classifier: the authors' DTN at half width
+Protocol (seed 0; every seed draws its own split): {r0['protocol']}. Images {SIZE}×{SIZE} grey in [0, 1] (USPS is 16×16 natively; MNIST resized). Source classifier: the authors' DTN at half width
 ({r0['clf_params']:,} parameters), Adam one-cycle {CLF_EP} epochs on {'all of MNIST' if not NPC else f'{NPC} MNIST images per class'}.
 Calibrator: ResNet generator ngf 8, {NB} blocks ({r0['cal_params']:,} parameters, {100*summary['calibrator_param_ratio']:.1f}% of the
-classifier), one-sided bound 0.2 in pixel units (= the code's 0.4 in [-1, 1] units), λ_t = 1, λ_s = 0.1, Adam {LR:g} for the
+classifier), one-sided bound {a.bound:g} in pixel units (= {2*a.bound:g} in the code's [-1, 1] units; the code uses 0.4 for MNIST→USPS), λ_t = 1, λ_s = 0.1, Adam {LR:g} for the
 calibrator and both discriminators, batch {BS}, {r0['cal_iters']} iterations (1 discriminator step + 1 calibrator step each).
 DANN: the same classifier fine-tuned with a gradient-reversal domain head for the same iterations and learning rate.
 {'' if full else '**Reduced protocol** (2-core CPU): ' + f'{SEEDS} seed(s), {r0["cal_iters"]} iterations instead of 11.4k, {"all" if not NPC else NPC} MNIST images{"" if not NPC else " per class"}, images {SIZE}×{SIZE} instead of 28×28, batch {BS}, {NB} residual blocks instead of 9. `--full` runs 3 seeds × 11.4k iterations on full MNIST at 28×28 with batch 128 and 9 blocks.'}
 
 {tab}
 
-Seconds per iteration (one CPU thread, wall time; other jobs shared the 2 cores): calibrator frozen BN {ms('cal_s_per_iter')['mean']:.2f},
+Seconds per iteration ({a.threads} CPU thread(s), wall time): calibrator frozen BN {ms('cal_s_per_iter')['mean']:.2f},
 code-faithful BN {ms('cal_code_bn_s_per_iter')['mean']:.2f}, DANN {ms('dann_s_per_iter')['mean']:.2f}.
 
-Target accuracy after each epoch of {len(dls.train)} iterations (shown for the trajectory only, the last value is the result):
+Target accuracy after each epoch of {len(dls.train)} iterations, seed 0 (shown for the trajectory only, the last value is the result):
 frozen BN {[round(100*v, 1) for v in r0['cal_curve']]}, code-faithful BN {[round(100*v, 1) for v in r0['cal_code_bn_curve']]}.
 
-Discriminator accuracy per group over the last 50 iterations (frozen BN): {dict((k, round(v, 3)) for k,v in r0['cal_last_disc'].items())}.
+Discriminator accuracy per group over the last 50 iterations (frozen BN, seed 0): {dict((k, round(v, 3)) for k,v in r0['cal_last_disc'].items())}.
 
 Targets of the issue: frozen-BN calibrator ≥ source-only + 10 points: {'met' if summary['calibrated_acc'] >= summary['source_only_acc'] + .10 else 'NOT met'};
 best calibrator arm ≥ 90%: {'met' if max(summary['calibrated_acc'], summary['calibrated_code_bn_acc']) >= .90 else 'NOT met'};
 MNIST through the calibrator within 1 point of the plain classifier: {'met' if summary['source_acc_plain'] - summary['source_acc_calibrated'] <= .01 else 'NOT met'} (frozen BN).
+
+Per seed (USPS eval %, {' / '.join(n for n,_,_ in arms)}): {'; '.join(f"seed {r['seed']}: " + ' / '.join(f'{100*r[k]:.1f}' for _,k,_ in arms) for r in per_seed)}.
 """
 write_result(a.out, summary, dict(per_seed=per_seed), md, time.time() - t_all)
