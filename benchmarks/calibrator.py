@@ -15,7 +15,8 @@ from corsd_suite.core import seed_everything
 from corsd_suite.data import domain_pair, image_dls, TensorDL
 from corsd_suite.evaluate import evaluate_accuracy, pbar
 from corsd_suite.models import count_params
-from corsd_suite.calibrator import dtn, Calibrator, calibrator_learner, adabn, dann_adapt, CalibratorCallback
+from corsd_suite.models import dtn
+from corsd_suite.calibrator import Calibrator, calibrator_learner, adabn, dann_adapt, CalibratorCallback
 
 p = argparse.ArgumentParser()
 p.add_argument('--full', action='store_true')

@@ -7,7 +7,7 @@ Usage: python benchmarks/foundation.py [--seeds 3] [--epochs 8]"""
 import argparse, time, torch
 from corsd_suite.models import MODELS, get_model, count_params
 from corsd_suite.evaluate import count_flops, attack_accuracy, evaluate_accuracy
-from corsd_suite.cli import train_digits
+from corsd_suite.models import train_digits
 from common import write_result, md_table, mean_std
 
 p = argparse.ArgumentParser()

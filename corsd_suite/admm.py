@@ -401,7 +401,7 @@ def magnitude_prune(learn, targets:dict, epochs:int=1, lr:float=2e-3) -> HardPru
 @demo_row('ADMM', order=40)
 def admm_row(quick:bool=True) -> dict:
     "LeNet-5 on the digits: dense against ADMM non-structured pruning at the ADMM-paper rates (71x)"
-    from corsd_suite.cli import train_digits
+    from corsd_suite.models import train_digits
     from corsd_suite.evaluate import evaluate_accuracy
     learn = train_digits('lenet5', epochs=3 if quick else 8, lr=3e-3, size=28)
     dense = evaluate_accuracy(learn.model, learn.dls.valid, show=False)

@@ -18,13 +18,13 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import params
 from .core import StatefulCallback, check_finite, check_images, model_device, demo_row, seed_everything, unwrap
-from .models import StagedNet, Normalize
+from .models import StagedNet, Normalize, dtn
 
 # %% auto #0
 __all__ = ['GROUPS', 'ResnetBlock', 'resnet_generator', 'Calibrator', 'bn_layers', 'set_frozen_mode', 'freeze_model', 'bn_state',
            'CalibratedModel', 'FreezeClassifier', 'PixelDiscriminator', 'OutputDiscriminator', 'endless',
-           'calibrator_splitter', 'CalibratorCallback', 'calibrator_learner', 'dtn', 'adabn', 'GradReverse',
-           'dann_adapt', 'endless_xy', 'erode_images', 'shifted_digits', 'train_source', 'calibrator_row']
+           'calibrator_splitter', 'CalibratorCallback', 'calibrator_learner', 'adabn', 'GradReverse', 'dann_adapt',
+           'endless_xy', 'erode_images', 'shifted_digits', 'train_source', 'calibrator_row']
 
 # %% ../nbs/30_calibrator.ipynb #9a6f5780
 def _init_gen(m):
@@ -361,16 +361,6 @@ def calibrator_learner(dls, clf:nn.Module, target_dl, cal:nn.Module|None=None, f
                    opt_func=partial(Adam, sqr_mom=0.999, eps=1e-8, wd=wd, decouple_wd=False), cbs=[cb] + list(L(cbs)))
 
 # %% ../nbs/30_calibrator.ipynb #30d32baf
-def dtn(n_in:int=1, n_out:int=10, stats=None, width:float=0.5, size:int=28) -> StagedNet:
-    "The authors' digits classifier (convs 64/128/256 5×5 stride 2 + BN + dropout, FC 512 + BN1d) scaled by `width`"
-    c = [int(round(k*width)) for k in (64, 128, 256)]
-    f = int(round(512*width))
-    blk = lambda ni, nf, p: nn.Sequential(nn.Conv2d(ni, nf, 5, 2, 2), nn.BatchNorm2d(nf), nn.Dropout2d(p), nn.ReLU(True))
-    s = size
-    for _ in range(3): s = (s + 1) // 2
-    head = nn.Sequential(nn.Flatten(), nn.Linear(c[2]*s*s, f), nn.BatchNorm1d(f), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(f, n_out))
-    return StagedNet(nn.Identity(), [blk(n_in, c[0], .1), blk(c[0], c[1], .3), blk(c[1], c[2], .5)], head, stats)
-
 def adabn(model:nn.Module, dl, max_batches:int|None=None) -> nn.Module:
     "Re-estimate the BatchNorm statistics of `model` (in place) as a cumulative average over the images of `dl`"
     bns = bn_layers(model)

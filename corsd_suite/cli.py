@@ -13,20 +13,13 @@ from fastai.callback.all import *
 import corsd_suite
 from .core import DEMO_ROWS, demo_row, seed_everything
 from .data import digits_dls
-from .models import zoo_learner
+from .models import train_digits
 from .evaluate import evaluate_accuracy
 
 # %% auto #0
-__all__ = ['train_digits', 'baseline_row', 'load_method_modules', 'run_demo', 'demo', 'main']
+__all__ = ['baseline_row', 'load_method_modules', 'run_demo', 'demo', 'main']
 
 # %% ../nbs/90_cli.ipynb #cdf5bd96
-def train_digits(arch:str='resnet8', epochs:int=5, lr:float=5e-3, cbs=None, seed:int=0, size:int=16, device='cpu'):
-    "Train zoo model `arch` on the embedded digits quietly; returns the `Learner`"
-    seed_everything(seed)
-    learn = zoo_learner(digits_dls(size, seed=seed, device=device), arch, cbs=cbs)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-    return learn
-
 @demo_row('baseline', order=0)
 def baseline_row(quick:bool=True) -> dict:
     "Plain ResNet-8 on the embedded digits: the reference every method row compares with"

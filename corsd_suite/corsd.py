@@ -267,7 +267,7 @@ def relation_matrices(model:MultiExitNet, x) -> list:
 @demo_row('CORSD', order=10)
 def corsd_row(quick:bool=True) -> dict:
     "ResNet-8 on the embedded digits: plain training vs CORSD self-distillation, same schedule and seed"
-    from corsd_suite.cli import train_digits
+    from corsd_suite.models import train_digits
     from corsd_suite.data import digits_dls
     ep = 3 if quick else 10
     base = evaluate_accuracy(train_digits('resnet8', epochs=ep, seed=0).model, digits_dls(16, seed=0, device='cpu').valid, show=False)

@@ -14,12 +14,12 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 import fastai.callback.schedule  # Learner.fit_one_cycle and friends
-from .core import get_stages, unwrap
+from .core import get_stages, unwrap, seed_everything
 
 # %% auto #0
 __all__ = ['MODELS', 'Normalize', 'StagedNet', 'staged_splitter', 'pool_head', 'conv_bn', 'lenet5', 'count_params', 'BasicBlock',
            'cifar_resnet', 'resnet8', 'resnet20', 'resnet32', 'resnet56', 'resnet18', 'vgg16_bn', 'InvertedResidual',
-           'mobilenet_v2', 'get_model', 'zoo_learner']
+           'mobilenet_v2', 'dtn', 'get_model', 'zoo_learner', 'train_digits']
 
 # %% ../nbs/02_models.ipynb #a12eba6b
 class Normalize(nn.Module):
@@ -153,6 +153,18 @@ def mobilenet_v2(n_in:int=3, n_out:int=10, width:float=1., stats=None) -> Staged
     stages.append(nn.Sequential(*cur, conv_bn(ni, last, 1)))
     return StagedNet(stem, stages, pool_head(last, n_out), stats)
 
+# %% ../nbs/02_models.ipynb #1760553a
+def dtn(n_in:int=1, n_out:int=10, stats=None, width:float=0.5, size:int=28) -> StagedNet:
+    "The authors' digits classifier (convs 64/128/256 5×5 stride 2 + BN + dropout, FC 512 + BN1d) scaled by `width`"
+    c = [int(round(k*width)) for k in (64, 128, 256)]
+    f = int(round(512*width))
+    blk = lambda ni, nf, p: nn.Sequential(nn.Conv2d(ni, nf, 5, 2, 2), nn.BatchNorm2d(nf), nn.Dropout2d(p), nn.ReLU(True))
+    s = size
+    for _ in range(3): s = (s + 1) // 2
+    head = nn.Sequential(nn.Flatten(), nn.Linear(c[2]*s*s, f), nn.BatchNorm1d(f), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(f, n_out))
+    return StagedNet(nn.Identity(), [blk(n_in, c[0], .1), blk(c[0], c[1], .3), blk(c[1], c[2], .5)], head, stats)
+
+
 # %% ../nbs/02_models.ipynb #43daa3a3
 MODELS = dict(lenet5=lenet5, resnet8=resnet8, resnet20=resnet20, resnet32=resnet32, resnet56=resnet56,
               resnet18=resnet18, vgg16_bn=vgg16_bn, mobilenet_v2=mobilenet_v2)
@@ -169,3 +181,13 @@ def zoo_learner(dls, arch:str='resnet8', cbs=None, metrics=accuracy, loss_func=N
     m = get_model(arch, n_in=dls.n_channels, n_out=dls.c, stats=dls.stats, **kw)
     return Learner(dls, m, loss_func=loss_func or CrossEntropyLossFlat(), metrics=metrics, cbs=cbs,
                    splitter=staged_splitter, **kwargs)
+
+# %% ../nbs/02_models.ipynb #cecac9ac
+def train_digits(arch:str='resnet8', epochs:int=5, lr:float=5e-3, cbs=None, seed:int=0, size:int=16, device='cpu'):
+    "Train zoo model `arch` on the embedded digits quietly; returns the `Learner`"
+    from corsd_suite.data import digits_dls
+    seed_everything(seed)
+    learn = zoo_learner(digits_dls(size, seed=seed, device=device), arch, cbs=cbs)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    return learn
+

@@ -192,7 +192,7 @@ def adapt_to_scene(clf:nn.Module, scene:ImageSet, epochs:int=10, lr:float=3e-3, 
 @demo_row('Reverse adversarial', order=50)
 def reverse_adversarial_row(quick:bool=True) -> dict:
     "Frozen ResNet-8 on digits rotated by 30° (unseen): accuracy alone and behind a calibrator trained on the rotated train split"
-    from corsd_suite.cli import train_digits
+    from corsd_suite.models import train_digits
     from corsd_suite.data import digits
     clf = train_digits('resnet8', epochs=3 if quick else 10, seed=0).model.eval()
     tr, va = digits(16).split(0.2, 0)

@@ -6,7 +6,8 @@ from fastai.losses import CrossEntropyLossFlat
 from helpers import run_ddp, params_digest, roundtrip_save_load
 from corsd_suite.core import seed_everything, DEMO_ROWS
 from corsd_suite.data import TensorDL, image_dls, ImageSet
-from corsd_suite.calibrator import (Calibrator, CalibratorCallback, calibrator_learner, shifted_digits, dtn, bn_state,
+from corsd_suite.models import dtn
+from corsd_suite.calibrator import (Calibrator, CalibratorCallback, calibrator_learner, shifted_digits, bn_state,
                                     CalibratedModel, calibrator_row)
 
 def _setup(n=128, bs=32, seed=0):

@@ -97,7 +97,7 @@ def test_demo_row():
 def test_admm_compressed_lenet5():
     "Composition: an ADMM-pruned-and-quantized LeNet-5 (corsd_suite.admm), frozen, behind a reverse-adversarial calibrator"
     from corsd_suite.admm import admm_prune, lenet5_targets
-    from corsd_suite.cli import train_digits
+    from corsd_suite.models import train_digits
     learn = train_digits('lenet5', epochs=3, size=16, seed=0)
     with learn.no_bar(), learn.no_logging():
         admm_prune(learn, lenet5_targets(keep=dict(fc1=.05), bits=4), admm_epochs=1, retrain_epochs=1, every=3, unit='batch')
