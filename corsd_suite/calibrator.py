@@ -17,14 +17,14 @@ from fastai.optimizer import Adam
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import params
-from .core import StatefulCallback, check_finite, check_images, model_device, demo_row, seed_everything, unwrap
+from .core import StatefulCallback, grad_scale, check_finite, check_images, model_device, demo_row, seed_everything, unwrap
 from .models import StagedNet, Normalize, dtn
 
 # %% auto #0
 __all__ = ['GROUPS', 'ResnetBlock', 'resnet_generator', 'Calibrator', 'bn_layers', 'set_frozen_mode', 'freeze_model', 'bn_state',
            'CalibratedModel', 'FreezeClassifier', 'PixelDiscriminator', 'OutputDiscriminator', 'endless',
-           'calibrator_splitter', 'CalibratorCallback', 'calibrator_learner', 'adabn', 'GradReverse', 'dann_adapt',
-           'endless_xy', 'erode_images', 'shifted_digits', 'train_source', 'calibrator_row']
+           'calibrator_splitter', 'CalibratorCallback', 'calibrator_learner', 'adabn', 'dann_adapt', 'endless_xy',
+           'erode_images', 'shifted_digits', 'train_source', 'calibrator_row']
 
 # %% ../nbs/30_calibrator.ipynb #9a6f5780
 def _init_gen(m):
@@ -380,13 +380,6 @@ def adabn(model:nn.Module, dl, max_batches:int|None=None) -> nn.Module:
     return model.eval()
 
 # %% ../nbs/30_calibrator.ipynb #4b2f7b6d
-class GradReverse(torch.autograd.Function):
-    "Identity forward, gradient multiplied by `-lam` backward"
-    @staticmethod
-    def forward(ctx, x, lam): ctx.lam = lam; return x.view_as(x)
-    @staticmethod
-    def backward(ctx, g): return -ctx.lam * g, None
-
 def dann_adapt(clf:StagedNet, source_dl, target_dl, iters:int=1000, lr:float=1e-4, wd:float=5e-4, hidden:int=500) -> StagedNet:
     "DANN baseline: fine-tune `clf` (in place) on source labels with a gradient-reversed domain classifier on its features"
     dev = model_device(clf.requires_grad_(True))   # it fine-tunes the classifier, also one frozen before
@@ -400,7 +393,7 @@ def dann_adapt(clf:StagedNet, source_dl, target_dl, iters:int=1000, lr:float=1e-
         n = min(len(xs), len(xt)); xs, ys, xt = xs[:n].to(dev), ys[:n].to(dev), xt[:n].to(dev)
         lam = 2 / (1 + math.exp(-10 * i / iters)) - 1
         f = clf.features(torch.cat([xs, xt]))
-        loss = F.cross_entropy(clf.head(f[:n]), ys) + F.cross_entropy(disc(GradReverse.apply(f.flatten(1), lam)),
+        loss = F.cross_entropy(clf.head(f[:n]), ys) + F.cross_entropy(disc(grad_scale(f.flatten(1), -lam)),
                                                                      torch.arange(2, device=dev).repeat_interleave(n))
         opt.zero_grad(); check_finite(loss, 'DANN loss').backward(); opt.step()
     return clf.eval()

@@ -15,8 +15,8 @@ from fastai.callback.hook import hook_outputs
 
 # %% auto #0
 __all__ = ['DEMO_ROWS', 'BENCHMARK_URL', 'seed_everything', 'best_device', 'model_device', 'unwrap', 'get_stages', 'StageHooks',
-           'stage_features', 'StatefulCallback', 'check_finite', 'check_images', 'demo_row', 'benchmark_markdown',
-           'show_benchmark']
+           'stage_features', 'StatefulCallback', 'check_finite', 'check_images', 'grad_scale', 'demo_row',
+           'benchmark_markdown', 'show_benchmark']
 
 # %% ../nbs/00_core.ipynb #28e38d76
 def seed_everything(seed:int=42, deterministic:bool=False):
@@ -155,6 +155,19 @@ def check_images(x:torch.Tensor, n_ch:int|None=None, what:str='input'):
     if n_ch is not None and x.shape[1] != n_ch:
         raise ValueError(f"{what} has {x.shape[1]} channels, expected {n_ch}; shape {tuple(x.shape)}")
     return x
+
+# %% ../nbs/00_core.ipynb #17424829
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+    @staticmethod
+    def backward(ctx, g): return g * ctx.scale, None
+
+def grad_scale(x:torch.Tensor, scale:float) -> torch.Tensor:
+    "Identity in the forward pass; multiplies the gradient by `scale` in the backward pass"
+    return x if scale == 1 else _GradScale.apply(x, scale)
 
 # %% ../nbs/00_core.ipynb #118ecf45
 DEMO_ROWS = {}

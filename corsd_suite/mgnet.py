@@ -14,27 +14,14 @@ from fastai.learner import Learner, Metric
 from fastai.metrics import accuracy
 from fastai.torch_core import params
 import fastai.callback.schedule
-from .core import check_images, check_finite, demo_row, seed_everything, unwrap
+from .core import check_images, check_finite, grad_scale, demo_row, seed_everything, unwrap
 from .models import get_model
 from .evaluate import count_flops, evaluate_accuracy, eval_mode
 
 # %% auto #0
-__all__ = ['CLUTTER_GLIMPSES', 'grad_scale', 'glimpse_theta', 'take_glimpse', 'glimpse_boxes', 'MGNet', 'mgnet_of',
-           'MultiGlimpseLoss', 'GlimpseAccuracy', 'mgnet_splitter', 'mgnet_learner', 'backbone_learner',
-           'cluttered_digits_dls', 'show_glimpses', 'mgnet_flops', 'mgnet_row']
-
-# %% ../nbs/20_mgnet.ipynb #17424829
-class _GradScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-    @staticmethod
-    def backward(ctx, g): return g * ctx.scale, None
-
-def grad_scale(x:torch.Tensor, scale:float) -> torch.Tensor:
-    "Identity in the forward pass; multiplies the gradient by `scale` in the backward pass"
-    return x if scale == 1 else _GradScale.apply(x, scale)
+__all__ = ['CLUTTER_GLIMPSES', 'glimpse_theta', 'take_glimpse', 'glimpse_boxes', 'MGNet', 'mgnet_of', 'MultiGlimpseLoss',
+           'GlimpseAccuracy', 'mgnet_splitter', 'mgnet_learner', 'backbone_learner', 'cluttered_digits_dls',
+           'show_glimpses', 'mgnet_flops', 'mgnet_row']
 
 # %% ../nbs/20_mgnet.ipynb #9faa45d5
 def glimpse_theta(p:torch.Tensor) -> torch.Tensor:

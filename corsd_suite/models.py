@@ -153,7 +153,7 @@ def mobilenet_v2(n_in:int=3, n_out:int=10, width:float=1., stats=None) -> Staged
     stages.append(nn.Sequential(*cur, conv_bn(ni, last, 1)))
     return StagedNet(stem, stages, pool_head(last, n_out), stats)
 
-# %% ../nbs/02_models.ipynb #1760553a
+# %% ../nbs/02_models.ipynb #7e9c2ee6
 def dtn(n_in:int=1, n_out:int=10, stats=None, width:float=0.5, size:int=28) -> StagedNet:
     "The authors' digits classifier (convs 64/128/256 5×5 stride 2 + BN + dropout, FC 512 + BN1d) scaled by `width`"
     c = [int(round(k*width)) for k in (64, 128, 256)]
@@ -182,7 +182,7 @@ def zoo_learner(dls, arch:str='resnet8', cbs=None, metrics=accuracy, loss_func=N
     return Learner(dls, m, loss_func=loss_func or CrossEntropyLossFlat(), metrics=metrics, cbs=cbs,
                    splitter=staged_splitter, **kwargs)
 
-# %% ../nbs/02_models.ipynb #cecac9ac
+# %% ../nbs/02_models.ipynb #056a4376
 def train_digits(arch:str='resnet8', epochs:int=5, lr:float=5e-3, cbs=None, seed:int=0, size:int=16, device='cpu'):
     "Train zoo model `arch` on the embedded digits quietly; returns the `Learner`"
     from corsd_suite.data import digits_dls
