@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Docs check that runs where Quarto cannot: build the notebooks the way `nbdev-docs` would, render them to HTML with
 nbconvert, open every page in headless Chromium and fail on a page whose outputs hold a Python traceback, on a missing
-image, or on a broken internal link.
+image, on a broken internal link, or on a page with code cells but no output at all.
 
 Steps (see docs_check/README.md):
 1. stage a copy of `nbs/` (plus `pyproject.toml`) in `<out>/build/`, so the checkout is never modified;
@@ -28,7 +28,7 @@ from urllib.parse import urlparse, unquote
 
 HERE = Path(__file__).resolve().parent
 SKIP_TOP = {'nbs', '_proc', '_docs', '_site', 'docs_check', '.git'}
-FAULTS = ('traceback', 'missing-image', 'broken-link', 'execution', 'docs-build')
+FAULTS = ('traceback', 'missing-image', 'broken-link', 'execution', 'docs-build', 'no-output')
 TRACEBACK_RE = r'Traceback \(most recent call last\)|^\w*(Error|Exception)\s+Traceback'
 CHROME_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
                 '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-default-apps',
@@ -440,6 +440,11 @@ def _bad_link(a, page, site, ids, root, cfg) -> str|None:
         if rel in ids and _norm_id(u.fragment) not in ids[rel]: return f'no anchor #{u.fragment} in {rel}'
     return None
 
+def has_outputs(nb:dict) -> bool:
+    "True when notebook `nb` has no code cell, or at least one code cell with an output"
+    code = [c for c in nb['cells'] if c['cell_type'] == 'code']
+    return not code or any(c.get('outputs') for c in code)
+
 # ---------------------------------------------------------------- lints (warnings)
 
 def commented_markdown(src:str) -> bool:
@@ -511,6 +516,9 @@ def main(argv=None) -> int:
     for src, why in proc_problems.items():
         page = next((k for k, v in results.items() if v['source'] == src), None)
         if page: results[page]['faults'].insert(0, dict(kind='docs-build', detail='nbdev-docs processing fails: ' + why))
+    for page, r in results.items():   # nbdev-docs renders stored outputs and executes nothing: a page needs them
+        if (proc_dir/r['source']).exists() and not has_outputs(json.loads((proc_dir/r['source']).read_text())):
+            r['faults'].append(dict(kind='no-output', detail='code cells but no output cell: run tools/run_notebooks.py and commit the outputs'))
     warns = lint(root, cfg['nbs_path'], proc_dir, [cfg['nbs_path']/p.relative_to(nbs) for p in sources])
     n_bad = 0
     for page, r in sorted(results.items()):

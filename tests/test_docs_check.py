@@ -49,13 +49,16 @@ PAGES = dict(
     traceback=[('markdown', '# Traceback page'), ('code', 'x = 1\nraise ValueError("boom")', [ERROR_OUT])],
     image=[('markdown', '# Image page'), ('markdown', '![a figure that is not there](images/missing.png)'), ('code', '1 + 1')],
     link=[('markdown', '# Link page'), ('markdown', 'See [the other page](no_such_page.ipynb).'), ('code', '1 + 1')],
+    nooutput=[('markdown', '# Page without outputs'), ('code', 'x = 1')],
 )
 def _png():
     import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(2, 1.5)); ax.plot([0, 1, 4]); buf = io.BytesIO(); fig.savefig(buf, format='png'); plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 PNG = _png()
-FAULT_OF = dict(traceback='traceback', image='missing-image', link='broken-link')
+STORED = {PLOT: dict(output_type='display_data', metadata={}, data={'image/png': PNG, 'text/plain': '<Figure>'}),
+          '1 + 1': dict(output_type='execute_result', execution_count=1, metadata={}, data={'text/plain': '2'})}
+FAULT_OF = dict(traceback='traceback', image='missing-image', link='broken-link', nooutput='no-output')
 
 def make_project(root:Path, pages):
     "A minimal nbdev project whose sidebar lists the home page and `pages`"
@@ -67,6 +70,11 @@ def make_project(root:Path, pages):
     links = ' '.join(f'[{p}]({p}.ipynb)' for p in pages)
     (nbs/'index.ipynb').write_text(json.dumps(_nb(('markdown', '# fixpkg\n\n> home page'), ('markdown', f'Pages: {links}'), ('code', PLOT))))
     for p in pages: (nbs/f'{p}.ipynb').write_text(json.dumps(_nb(*PAGES[p])))
+    for f in nbs.glob('*.ipynb'):   # stored outputs, as committed notebooks have them (`x = 1` has none, executed or not)
+        nb = json.loads(f.read_text())
+        for c in nb['cells']:
+            if c['cell_type'] == 'code' and not c['outputs'] and ''.join(c['source']) in STORED: c['outputs'] = [STORED[''.join(c['source'])]]
+        f.write_text(json.dumps(nb))
     return root
 
 def run_check(root:Path, *args):
@@ -80,9 +88,6 @@ def faults(rep, page): return {f['kind'] for f in rep['pages'][page]['faults']}
 def test_clean_project_passes(tmp_path):
     "With stored outputs (an embedded PNG), a project without faults passes and the screenshots are taken"
     root = make_project(tmp_path, ['good'])
-    nb = json.loads((root/'nbs'/'good.ipynb').read_text())
-    nb['cells'][-1]['outputs'] = [dict(output_type='display_data', metadata={}, data={'image/png': PNG, 'text/plain': '<Figure>'})]
-    (root/'nbs'/'good.ipynb').write_text(json.dumps(nb))
     r, rep = run_check(root, '--outputs', 'stored')
     assert r.returncode == 0, r.stdout + r.stderr
     assert rep['failed'] == 0 and set(rep['pages']) == {'index.html', 'good.html'}
@@ -91,7 +96,7 @@ def test_clean_project_passes(tmp_path):
 
 def test_each_fault_is_found_when_executed(tmp_path):
     "Executed from scratch: each broken page fails with exactly its fault (a cell that raises -> traceback), the good pages pass"
-    root = make_project(tmp_path, ['good', 'traceback', 'image', 'link'])
+    root = make_project(tmp_path, ['good', 'traceback', 'image', 'link', 'nooutput'])
     nb = json.loads((root/'nbs'/'traceback.ipynb').read_text())
     nb['cells'][-1]['outputs'] = []                          # no stored error: it must come from executing
     (root/'nbs'/'traceback.ipynb').write_text(json.dumps(nb))
@@ -102,7 +107,7 @@ def test_each_fault_is_found_when_executed(tmp_path):
     assert rep['pages']['good.html']['n_images'] == 1         # the executed matplotlib figure
     assert any('boom' in f['detail'] for f in rep['pages']['traceback.html']['faults'])
 
-@pytest.mark.parametrize('page', ['traceback', 'image', 'link'])
+@pytest.mark.parametrize('page', ['traceback', 'image', 'link', 'nooutput'])
 def test_each_fault_alone_fails(tmp_path, page):
     "A project whose only fault is one broken page fails (stored outputs: the traceback is a stored error output)"
     r, rep = run_check(make_project(tmp_path, ['good', page]), '--outputs', 'stored')

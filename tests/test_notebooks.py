@@ -21,3 +21,9 @@ def test_sidebar_lists_every_notebook():
     missing = {str(p.relative_to(NBS)) for p in NOTEBOOKS} - listed
     assert not missing, f'notebooks missing from nbs/sidebar.yml: {sorted(missing)}'
     assert all((NBS/p).exists() for p in listed), 'sidebar.yml names a notebook that does not exist'
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: str(p.relative_to(NBS)))
+def test_committed_with_outputs(nb):
+    "Notebooks are committed with their outputs (`python tools/run_notebooks.py`): GitHub and `nbdev-docs` show them, executing nothing"
+    cells = [c for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code']
+    assert any(c.get('outputs') for c in cells), f'{nb.name} has no saved output: run `python tools/run_notebooks.py {nb.stem}` and commit it'
