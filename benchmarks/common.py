@@ -1,7 +1,7 @@
-"Shared plumbing for the benchmark scripts: timing, mean ± std, and writing JSON + markdown results."
-import json, os, sys, time, platform, shlex
+"Shared plumbing for the benchmark scripts: mean ± std, writing JSON + markdown results, the machine lock (no torch import)."
+import fcntl, json, os, sys, time, platform, shlex
 from pathlib import Path
-import numpy as np, torch
+import numpy as np
 
 RESULTS = Path(__file__).parent/'results'
 
@@ -22,6 +22,7 @@ def fmt_ms(d, scale=100., nd=2) -> str:
 
 def machine() -> dict:
     "Where the numbers were measured"
+    import torch
     return dict(python=platform.python_version(), torch=torch.__version__, cpu_threads=torch.get_num_threads(),
                 device='cuda:' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu',
                 processor=platform.processor() or platform.machine(), cores=os.cpu_count())
@@ -33,13 +34,59 @@ def md_table(rows:list, cols:list|None=None) -> str:
     for r in rows: out.append('| ' + ' | '.join(str(r.get(c, '')) for c in cols) + ' |')
     return '\n'.join(out)
 
-def write_result(name:str, summary:dict, details:dict, markdown:str, seconds:float|None=None):
-    "Write benchmarks/results/{name}.json (summary, details, command, machine) and {name}.md"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def atomic_write(path:Path, text:str):
+    "Write `text` to `path` through a temporary file renamed into place (never a half-written result)"
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def write_result(name:str, summary:dict, details:dict, markdown:str, seconds:float|None=None, results:Path|None=None):
+    "Write {results}/{name}.json (summary, details, command, machine) and {name}.md; `results` defaults to benchmarks/results"
+    out = Path(results or RESULTS)
     cmd = command_line()
     res = dict(name=name, summary=summary, details=details, command=cmd, machine=machine(),
                seconds=seconds, date=time.strftime('%Y-%m-%d'))
-    (RESULTS/f'{name}.json').write_text(json.dumps(res, indent=2, default=float))
-    (RESULTS/f'{name}.md').write_text(f"# {name}\n\nReproduce: `{cmd}`\n\n{markdown}\n")
-    print(markdown); print(f"\nwrote {RESULTS/name}.json and .md")
+    atomic_write(out/f'{name}.json', json.dumps(res, indent=2, default=float))
+    atomic_write(out/f'{name}.md', f"# {name}\n\nReproduce: `{cmd}`\n\n{markdown}\n")
+    print(markdown); print(f"\nwrote {out/name}.json and .md")
     return res
+
+def default_cache() -> Path:
+    "Where checkpoints live: `$CORSD_CACHE`, else `~/.cache/corsd_suite/bench` (outside the work tree)"
+    return Path(os.environ.get('CORSD_CACHE') or Path.home()/'.cache'/'corsd_suite'/'bench').expanduser()
+
+LOCK_NAME = 'bench.lock'
+
+class MachineLock:
+    "One benchmark at a time per machine: an exclusive `fcntl.flock` on `<cache>/bench.lock`, which names its holder (pid, benchmark, since, command)"
+    def __init__(self,
+                 cache:Path, # the cache folder (one per machine; `default_cache()`)
+                 benchmark:str, # the name recorded for the holder
+                 wait:bool=False, # wait for the holder to finish instead of exiting
+                 poll:float=1.): # seconds between tries while waiting
+        self.file, self.benchmark, self.wait, self.poll = Path(cache)/LOCK_NAME, benchmark, wait, poll
+    def holder(self) -> str:
+        try: h = json.loads(self.file.read_text() or '{}')
+        except (OSError, json.JSONDecodeError): h = {}
+        if not h: return 'an unknown process'
+        return f"pid {h.get('pid')} (benchmark {h.get('benchmark')!r}, since {h.get('since')}, `{h.get('command')}`)"
+    def __enter__(self):
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        announced = False
+        while True:
+            try: fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+            except BlockingIOError:
+                if not self.wait:
+                    os.close(self.fd)
+                    raise SystemExit(f"another benchmark holds the machine lock {self.file}: {self.holder()}. "
+                                     f"Run with --wait to queue behind it (one benchmark at a time keeps timings honest).")
+                if not announced: print(f"waiting for the machine lock held by {self.holder()}", flush=True); announced = True
+                time.sleep(self.poll)
+        info = dict(pid=os.getpid(), benchmark=self.benchmark, since=time.strftime('%Y-%m-%d %H:%M:%S %Z'), command=command_line())
+        os.ftruncate(self.fd, 0); os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        return self
+    def __exit__(self, *exc):
+        os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd)

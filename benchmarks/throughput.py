@@ -1,0 +1,273 @@
+"""Training throughput of the model zoo, in one process: the fp32 matrix-multiply peak, then images/s of each model in a
+fastai `Learner` and in a bare PyTorch loop on the same in-memory batches, utilisation against the peak, the Learner's
+overhead, and variants that might speed up training (channels_last, torch.compile, bf16 autocast, threads, batch size).
+
+utilisation = 6 × MACs per image × images/s ÷ peak FLOP/s (forward 2 FLOPs per MAC, backward about twice the forward);
+overhead = bare-loop images/s ÷ Learner images/s − 1. Run it alone on the machine (it takes the benchmark lock):
+    python benchmarks/throughput.py            # the real measurement (minutes)
+    python benchmarks/throughput.py --quick    # a smoke test: a few steps, written to throughput_quick.json
+"""
+from __future__ import annotations
+import argparse, copy, os, sys, time
+from functools import partial
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).parent))
+import torch
+from torch import nn
+import runner
+from common import write_result, md_table
+
+CIFAR_MODELS = ('resnet8', 'resnet20', 'mobilenet_v2')
+MODELS = ('lenet5',) + CIFAR_MODELS + ('mgnet',)
+CIFAR10_TRAIN = 50_000
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    runner.add_machine_args(p)
+    p.add_argument('--quick', action='store_true', help='a smoke test: few steps, small GEMMs, no torch.compile')
+    p.add_argument('--models', default=','.join(MODELS), help=f'comma-separated, from {MODELS}')
+    p.add_argument('--bs', type=int, default=None, help='batch size of the main table (default 128; quick 16)')
+    p.add_argument('--steps', type=int, default=None, help='timed training steps per measurement (default 40; quick 2)')
+    p.add_argument('--rounds', type=int, default=None, help='alternate Learner and bare loop this often, keep the best of each (default 2; quick 1)')
+    p.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 5; quick 1)')
+    p.add_argument('--variant-models', default='resnet20', help='models the variants are tried on')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='try the torch.compile variant (default: yes, except with --quick; compiling takes minutes on CPU)')
+    p.add_argument('--out', default=None, help='result name (default throughput; quick: throughput_quick)')
+    a = p.parse_args(argv)
+    a.steps = a.steps or (2 if a.quick else 40)
+    a.bs = a.bs or (16 if a.quick else 128)
+    a.rounds = a.rounds or (1 if a.quick else 2)
+    if a.compile is None: a.compile = not a.quick
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 5)
+    a.out = a.out or ('throughput_quick' if a.quick else 'throughput')
+    bad = [m for m in a.models.split(',') + a.variant_models.split(',') if m not in MODELS]
+    if bad: p.error(f"unknown model(s) {bad}; choose from {MODELS}")
+    return a
+
+def sync(dev:torch.device):
+    "Wait for queued kernels so that wall-clock times are honest on asynchronous devices"
+    if dev.type == 'cuda': torch.cuda.synchronize(dev)
+    elif dev.type == 'mps': torch.mps.synchronize()
+
+# ------------------------------------------------------------------------------------------------------- GEMM peak
+def gemm_peak(dev:torch.device, sizes=(256, 512, 1024, 2048), repeats:int=5, min_seconds:float=0.2) -> dict:
+    "Best fp32 matmul GFLOP/s over square sizes and repeats (each timing loops until `min_seconds`)"
+    rows = []
+    for n in sizes:
+        a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+        a @ b; sync(dev)
+        best = 0.
+        for _ in range(repeats):
+            k, t0 = 0, time.perf_counter()
+            while True:
+                a @ b; k += 1
+                if k % 4 == 0:
+                    sync(dev)
+                    if time.perf_counter() - t0 >= min_seconds: break
+            best = max(best, 2 * n**3 * k / (time.perf_counter() - t0) / 1e9)
+        rows.append(dict(n=n, gflops=round(best, 1)))
+    return dict(gemm_gflops=max(r['gflops'] for r in rows), by_size=rows)
+
+# ------------------------------------------------------------------------------------------------ models and data
+def random_set(shape, n:int, seed:int=0):
+    "An ImageSet of `n` random uint8 images of `shape` (throughput does not depend on content)"
+    from corsd_suite.data import ImageSet
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+def make_learner(name:str, bs:int, n_batches:int, dev:torch.device, opt_func=None):
+    "A fresh Learner for zoo model `name` at its benchmark input size, on `n_batches` in-memory training batches"
+    from fastai.optimizer import Adam
+    from corsd_suite.core import seed_everything
+    from corsd_suite.data import image_dls
+    from corsd_suite.models import zoo_learner
+    seed_everything(0)
+    kw = dict(opt_func=opt_func) if opt_func is not None else dict(opt_func=Adam)
+    if name == 'mgnet':   # the MGNet benchmark's model: ResNet-8 (half width) body, 3 glimpses, 60×60 cluttered digits
+        from corsd_suite.mgnet import mgnet_learner, cluttered_digits_dls, CLUTTER_GLIMPSES
+        dls = cluttered_digits_dls(canvas=60, digit_size=28, n_clutter=4, clutter_size=8, bs=bs, device=dev)
+        tr = dls.train.dataset                 # exactly n_batches batches (the embedded digits repeated as needed)
+        idx = torch.arange(len(tr)).repeat(-(-n_batches*bs // len(tr)))[:n_batches*bs]
+        dls = image_dls(tr.subset(idx), dls.valid.dataset.subset(range(min(bs, len(dls.valid.dataset)))), bs=bs, device=dev)
+        mkw = dict(n_glimpses=3, down_factor=2.5, width=0.5, **CLUTTER_GLIMPSES)
+        return mgnet_learner(dls, 'resnet8', model_kw=mkw, **kw), (1, 60, 60)
+    shape = (1, 28, 28) if name == 'lenet5' else (3, 32, 32)
+    dls = image_dls(random_set(shape, n_batches*bs), random_set(shape, bs, seed=1), bs=bs, device=dev)
+    return zoo_learner(dls, name, **kw), shape
+
+# ----------------------------------------------------------------------------------------------------- measuring
+from fastai.callback.core import Callback, CancelFitException
+
+class StepTimer(Callback):
+    "Time the training batches from `warmup` on, then stop the fit (no validation)"
+    order = 100
+    def __init__(self, warmup:int, dev): self.warmup, self.dev, self.t0, self.images = warmup, dev, None, 0
+    def before_batch(self):
+        if self.training and self.iter == self.warmup: sync(self.dev); self.t0 = time.perf_counter()
+    def after_batch(self):
+        if self.training and self.iter >= self.warmup: self.images += len(self.yb[0])
+    def after_train(self):
+        sync(self.dev); self.seconds = time.perf_counter() - self.t0
+        raise CancelFitException
+
+def learner_img_s(learn, a, dev) -> float:
+    "Training images/s of `learn.fit` over the batches after `a.warmup`"
+    timer = StepTimer(a.warmup, dev)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=timer)
+    if not timer.images: raise ValueError(f"no timed batch: the training DataLoader has {len(learn.dls.train)} batches, warm-up {a.warmup}")
+    return timer.images / timer.seconds
+
+class _null:
+    def __enter__(self): return self
+    def __exit__(self, *a): pass
+
+def bare_img_s(model:nn.Module, loss_func, dl, a, dev, autocast=None, channels_last:bool=False, step=None) -> float:
+    "Training images/s of a plain PyTorch loop (torch Adam, foreach) over the same DataLoader's batches"
+    model.to(dev).train()
+    if channels_last: model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    fwd = model if step is None else step
+    t0, images = None, 0
+    for i, (x, y) in enumerate(dl):
+        if i == a.warmup: sync(dev); t0 = time.perf_counter()
+        if channels_last: x = x.contiguous(memory_format=torch.channels_last)
+        with (torch.autocast(dev.type, dtype=autocast) if autocast else _null()):
+            loss = loss_func(fwd(x), y)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        if i >= a.warmup: images += len(y)
+        if i + 1 == a.warmup + a.steps: break
+    sync(dev)
+    if not images: raise ValueError(f"no timed batch: the DataLoader has {len(dl)} batches, warm-up {a.warmup}")
+    return images / (time.perf_counter() - t0)
+
+def measure_model(name:str, a, dev, peak:float, bs:int|None=None) -> dict:
+    "Learner and bare-loop images/s of zoo model `name`, its MACs, utilisation and Learner overhead"
+    from corsd_suite.evaluate import count_flops
+    bs = bs or a.bs
+    n = a.warmup + a.steps
+    learn, shape = make_learner(name, bs, n, dev)
+    bare_learn, _ = make_learner(name, bs, n, dev)          # same init and batches, its own model and loss
+    macs = count_flops(learn.model.to(dev), shape)['macs']
+    li = bi = 0.
+    for _ in range(a.rounds):   # alternate, keep the best of each: neither gains from going second
+        li = max(li, learner_img_s(learn, a, dev))
+        bi = max(bi, bare_img_s(bare_learn.model, bare_learn.loss_func, bare_learn.dls.train, a, dev))
+    return dict(input=list(shape), macs=macs, bs=bs, learner_img_s=li, bare_img_s=bi,
+                utilisation=6 * macs * bi / (peak * 1e9), learner_utilisation=6 * macs * li / (peak * 1e9),
+                overhead=bi / li - 1)
+
+# ------------------------------------------------------------------------------------------------------ variants
+def cpu_bf16() -> bool:
+    "Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)"
+    try: flags = Path('/proc/cpuinfo').read_text()
+    except OSError: return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+def variants(name:str, a, dev, base:dict) -> list:
+    "Bare-loop (and Learner) images/s of `name` under settings that might speed training up"
+    from fastai.optimizer import OptimWrapper
+    rows, n = [], a.warmup + a.steps
+    def row(variant, img_s, note=''):
+        rows.append(dict(model=name, variant=variant, img_s=round(img_s, 1), speedup=round(img_s / base['bare_img_s'], 3), note=note))
+    def bare(bs=None, **kw):   # best of `a.rounds`, like the baseline
+        l, _ = make_learner(name, bs or a.bs, n, dev)
+        return max(bare_img_s(l.model, l.loss_func, l.dls.train, a, dev, **kw) for _ in range(a.rounds))
+    row('bare loop, fp32, contiguous (baseline)', base['bare_img_s'])
+    row('channels_last', bare(channels_last=True))
+    bf = torch.bfloat16
+    native = dev.type != 'cpu' or cpu_bf16()
+    bf_note = 'native bf16' if native else 'no native bf16 on this CPU (emulated)'
+    row('bf16 autocast', bare(autocast=bf), bf_note)
+    row('channels_last + bf16 autocast', bare(autocast=bf, channels_last=True), bf_note)
+    for bs in sorted({64, 256} - {a.bs}) if not a.quick else [max(8, a.bs // 2)]:
+        row(f'batch {bs}', bare(bs), 'images/s at another batch size')
+    if dev.type == 'cpu':
+        nt = torch.get_num_threads()
+        for t in sorted({1, os.cpu_count() or 1} - {nt}):
+            torch.set_num_threads(t)
+            try: row(f'{t} thread(s) (main: {nt})', bare())
+            finally: torch.set_num_threads(nt)
+    l, _ = make_learner(name, a.bs, n, dev, opt_func=partial(OptimWrapper, opt=torch.optim.Adam))
+    row('Learner with torch.optim.Adam (OptimWrapper)', learner_img_s(l, a, dev), f"Learner with fastai Adam: {base['learner_img_s']:.1f}")
+    if not a.compile: rows.append(dict(model=name, variant='torch.compile', note='skipped (--no-compile or --quick)'))
+    else:
+        t0 = time.perf_counter()
+        try:
+            a2 = argparse.Namespace(**{**vars(a), 'warmup': max(a.warmup, 3)})   # the first steps compile
+            l, _ = make_learner(name, a.bs, a2.warmup + a.steps, dev)
+            comp = torch.compile(l.model)
+            img_s = bare_img_s(l.model, l.loss_func, l.dls.train, a2, dev, step=comp)
+            row('torch.compile (default mode)', img_s, f'compile + warm-up {time.perf_counter() - t0:.0f}s')
+        except Exception as e: rows.append(dict(model=name, variant='torch.compile', note=f'failed: {type(e).__name__}: {str(e)[:120]}'))
+    return rows
+
+# ---------------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    a = get_args(argv)
+    dev = runner.resolve_device(a.device)
+    if a.threads: torch.set_num_threads(a.threads)
+    t_all = time.perf_counter()
+    with runner.MachineLock(Path(a.cache or runner.default_cache()).expanduser(), 'throughput', wait=a.wait):
+        load_start = runner.load_avg()
+        g = gemm_peak(dev, sizes=(128, 256) if a.quick else (256, 512, 1024, 2048), repeats=2 if a.quick else 5,
+                      min_seconds=0.05 if a.quick else 0.3)
+        peak = g['gemm_gflops']
+        print(f"fp32 GEMM peak: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads, {dev})", flush=True)
+        models = {}
+        for m in a.models.split(','):
+            models[m] = measure_model(m, a, dev, peak)
+            print(m, {k: round(v, 3) if isinstance(v, float) else v for k, v in models[m].items()}, flush=True)
+        var = []
+        for m in a.variant_models.split(','):
+            base = models.get(m) or measure_model(m, a, dev, peak)
+            var += variants(m, a, dev, base)
+            for r in var[-8:]: print(r, flush=True)
+        load_end = runner.load_avg()
+    epoch_s = {m: dict(learner=CIFAR10_TRAIN / models[m]['learner_img_s'], bare=CIFAR10_TRAIN / models[m]['bare_img_s'])
+               for m in CIFAR_MODELS if m in models}
+    env = dict(threads=torch.get_num_threads(), cores=os.cpu_count(), device=str(dev), load_start=load_start, load_end=load_end,
+               quick=a.quick, steps=a.steps, warmup=a.warmup, bs=a.bs, cpu_native_bf16=cpu_bf16())
+    env['overloaded'] = max(l for l in (load_start, load_end, 0) if l is not None) > env['threads'] + 0.5
+    keys = ('learner_img_s', 'bare_img_s', 'utilisation', 'learner_utilisation', 'overhead', 'macs', 'bs')
+    r20 = models.get('resnet20')
+    targets = None if r20 is None else dict(resnet20_learner_utilisation=r20['learner_utilisation'], utilisation_target=0.5,
+                                            utilisation_met=r20['learner_utilisation'] >= 0.5, overhead=r20['overhead'],
+                                            overhead_target=0.10, overhead_met=r20['overhead'] <= 0.10)
+    summary = dict(gemm_gflops=peak, models={m: {k: r[k] for k in keys} for m, r in models.items()}, targets=targets,
+                   cifar10_epoch_seconds=epoch_s, variants=var, command=runner.command_line(), **env)
+    md = report(summary, g, models, var, epoch_s, a)
+    return write_result(a.out, summary, dict(gemm=g, models=models), md, seconds=time.perf_counter() - t_all)
+
+def report(s, g, models, var, epoch_s, a) -> str:
+    f = lambda v, nd=1: f"{v:,.{nd}f}"
+    rows = [{'model': m, 'input': '×'.join(map(str, r['input'])), 'MMACs/img': f(r['macs']/1e6, 2), 'Learner img/s': f(r['learner_img_s']),
+             'bare img/s': f(r['bare_img_s']), 'utilisation (bare)': f"{100*r['utilisation']:.1f}%",
+             'utilisation (Learner)': f"{100*r['learner_utilisation']:.1f}%", 'Learner overhead': f"{100*r['overhead']:+.1f}%"}
+            for m, r in models.items()]
+    ep = md_table([{'model': m, 'CIFAR-10 epoch, Learner (s)': f(v['learner']), 'bare loop (s)': f(v['bare'])} for m, v in epoch_s.items()]) if epoch_s else ''
+    t = s['targets']
+    tg = '' if t is None else (f"\n\nTargets (ResNet-20): training at ≥ 50% of the GEMM peak in the Learner: {100*t['resnet20_learner_utilisation']:.1f}% "
+                               f"({'met' if t['utilisation_met'] else 'NOT met'}); Learner overhead ≤ 10%: {100*t['overhead']:+.1f}% "
+                               f"({'met' if t['overhead_met'] else 'NOT met'}).")
+    warn = tg + ("\n\n**QUICK smoke test** (a few steps): these numbers are not measurements." if a.quick else '') + \
+           ("\n\n**The machine was loaded** (load average above threads + 0.5): the figures are low." if s['overloaded'] else '')
+    return f"""fp32 GEMM peak: **{g['gemm_gflops']:,.1f} GFLOP/s** (best of square matmuls {', '.join(str(r['n']) for r in g['by_size'])};
+{s['threads']} thread(s) on {s['cores']} core(s), device {s['device']}; load average {s['load_start']} at start, {s['load_end']} at end).
+Training: batch {a.bs}, Adam, {a.steps} timed steps after {a.warmup} warm-up steps (best of {a.rounds} alternating round(s)), random uint8 batches held in memory
+(MGNet: the embedded digits at 28×28 on 60×60 cluttered canvases, ResNet-8 at half width, 3 glimpses), gathered and
+converted by the same `TensorDL`. Utilisation = 6 × MACs × images/s ÷ GEMM peak; overhead = bare images/s ÷ Learner
+images/s − 1 (the Learner uses fastai's Adam; the bare loop torch's).{warn}
+
+{md_table(rows)}
+
+One epoch of CIFAR-10 (50,000 training images) at these rates:
+
+{ep}
+
+Variants (bare loop unless named; speedup against the bare fp32 baseline):
+
+{md_table(var, ['model', 'variant', 'img_s', 'speedup', 'note'])}
+"""
+
+if __name__ == '__main__': main()
