@@ -3,16 +3,61 @@
 PGD sanity check: a ResNet-8 trained on the embedded digits (16×16) for 8 epochs, 3 seeds; L∞ PGD (10 steps, step
 2.5·eps/10, random start) over eps; accuracy must fall as eps grows and reach ~0 at a large eps; 40 steps with 3
 restarts must not raise it (no gradient masking).
-Usage: python benchmarks/foundation.py [--seeds 3] [--epochs 8]"""
-import argparse, time, torch
-from corsd_suite.models import MODELS, get_model, count_params
-from corsd_suite.evaluate import count_flops, attack_accuracy, evaluate_accuracy
-from corsd_suite.models import train_digits
-from common import write_result, md_table, mean_std
+CLI start-up: wall time of `corsd-suite --help` and `corsd-suite --version` (median of --cli-runs runs; target < 2 s).
+Usage: python benchmarks/foundation.py [--seeds 3] [--epochs 8]
+       python benchmarks/foundation.py --cli-only   # measure only the CLI start-up, merged into the existing results"""
+import argparse, json, os, statistics, subprocess, time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent/'results'
+
+def _atomic_write(path:Path, text:str):
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    tmp.write_text(text); os.replace(tmp, path)
+
+def cli_startup(runs:int) -> dict:
+    "Median and all wall times (s) of `corsd-suite --help` and `--version`, each run in a fresh process"
+    out = {}
+    for arg in ('help', 'version'):
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            subprocess.run(['corsd-suite', f'--{arg}'], check=True, capture_output=True)
+            ts.append(round(time.perf_counter() - t0, 3))
+        out[arg] = dict(median=statistics.median(ts), max=max(ts), runs=ts)
+    return out
+
+def cli_markdown(cli:dict, runs:int) -> str:
+    return (f"## CLI start-up (wall time of a fresh process, median of {runs} runs; target < 2 s)\n\n"
+            "Reproduce this part alone: `python benchmarks/foundation.py --cli-only`\n\n"
+            f"| command | median s | max s |\n|---|---|---|\n" +
+            ''.join(f"| `corsd-suite --{k}` | {v['median']:.2f} | {v['max']:.2f} |\n" for k,v in cli.items()))
+
+def merge_cli(cli:dict, runs:int):
+    "Write the CLI figures into the existing foundation.json/.md, keeping every other key and section"
+    jf, mf = RESULTS/'foundation.json', RESULTS/'foundation.md'
+    res = json.loads(jf.read_text())
+    res['summary'].update(cli_help_seconds=cli['help']['median'], cli_version_seconds=cli['version']['median'])
+    res['details']['cli_startup'] = dict(cli, command='python benchmarks/foundation.py --cli-only', date=time.strftime('%Y-%m-%d'),
+                                         cores=os.cpu_count())
+    _atomic_write(jf, json.dumps(res, indent=2, default=float))
+    md = mf.read_text().split('\n## CLI start-up')[0].rstrip('\n')
+    _atomic_write(mf, md + '\n\n' + cli_markdown(cli, runs))
+    print(cli_markdown(cli, runs)); print(f"merged into {jf} and {mf}")
 
 p = argparse.ArgumentParser()
 p.add_argument('--seeds', type=int, default=3); p.add_argument('--epochs', type=int, default=8)
+p.add_argument('--cli-only', action='store_true', help='measure only the CLI start-up and merge it into the existing results')
+p.add_argument('--cli-runs', type=int, default=5)
 a = p.parse_args()
+if a.cli_only:
+    merge_cli(cli_startup(a.cli_runs), a.cli_runs)
+    raise SystemExit(0)
+
+import torch
+from corsd_suite.models import MODELS, get_model, count_params, train_digits
+from corsd_suite.evaluate import count_flops, attack_accuracy, evaluate_accuracy
+from common import write_result, md_table, mean_std
 torch.set_num_threads(1)
 t0 = time.time()
 zoo = []
@@ -37,9 +82,12 @@ le = next(r for r in zoo if r['model'] == 'lenet5'); r20 = next(r for r in zoo i
 summary = dict(lenet5_macs=le['MMACs']*1e6, lenet5_weights=le['conv_linear_weights'], resnet20_macs=r20['MMACs']*1e6,
                pgd_clean_acc=mean_std(clean)['mean'], pgd_acc_at_eps_0_3=mean_std([c[-1] for c in curves])['mean'],
                pgd_monotone=mono, pgd_more_steps_restarts_not_higher=no_mask)
+cli = cli_startup(a.cli_runs)
+summary.update(cli_help_seconds=cli['help']['median'], cli_version_seconds=cli['version']['median'])
 md = ("## Model zoo (FLOPs counted by torch.utils.flop_counter; MACs = FLOPs/2)\n\n" + md_table(zoo) +
       f"\n\n## PGD sanity check (ResNet-8 on digits 16×16, {a.epochs} epochs, {a.seeds} seeds, mean ± std %)\n\n" +
       md_table(pgd_rows) + f"\n\nAccuracy falls monotonically with eps in every seed: **{mono}**. 40 steps × 3 restarts "
       f"at eps 0.02/0.05 give {[round(100*x,1) for x in map(lambda i: mean_std([s[i] for s in strong])['mean'], range(2))]}% "
-      f"(≤ the 10-step figures + 1 point: **{no_mask}**).")
-write_result('foundation', summary, dict(zoo=zoo, eps=eps, pgd_curves=curves, pgd_strong=strong, clean=clean), md, time.time()-t0)
+      f"(≤ the 10-step figures + 1 point: **{no_mask}**).\n\n" + cli_markdown(cli, a.cli_runs))
+write_result('foundation', summary, dict(zoo=zoo, eps=eps, pgd_curves=curves, pgd_strong=strong, clean=clean,
+                                         cli_startup=dict(cli, command='python benchmarks/foundation.py --cli-only')), md, time.time()-t0)

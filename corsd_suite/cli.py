@@ -6,73 +6,128 @@ Docs: https://corsd-suite.github.io/corsd_suite/cli.html.md"""
 
 # %% ../nbs/90_cli.ipynb #c938e958
 from __future__ import annotations
-import sys, time, importlib, pkgutil, inspect
-import pandas as pd, torch
+import sys, time, importlib, pkgutil, inspect, warnings
 from fastcore.script import call_parse, store_true, anno_parser
-from fastai.callback.all import *
 import corsd_suite
-from .core import DEMO_ROWS, demo_row, seed_everything
-from .data import digits_dls
-from .models import train_digits
-from .evaluate import evaluate_accuracy
 
 # %% auto #0
-__all__ = ['baseline_row', 'load_method_modules', 'run_demo', 'demo', 'main']
+__all__ = ['DEMO_SECONDS', 'quiet_imports', 'UsageError', 'baseline_row', 'load_method_modules', 'select_rows', 'demo_estimate',
+           'run_demo', 'demo', 'main']
+
+# %% ../nbs/90_cli.ipynb #1b041c19
+def quiet_imports():
+    "Hide the `torch.jit.script` deprecation notice fastai's import triggers (third-party noise the user cannot fix)"
+    warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+
+class UsageError(ValueError):
+    "A bad command-line value: `main` prints it without a traceback and exits with status 2"
 
 # %% ../nbs/90_cli.ipynb #cdf5bd96
-@demo_row('baseline', order=0)
-def baseline_row(quick:bool=True) -> dict:
+def baseline_row(quick:bool=True # the quick schedule (3 epochs), else the full one (10)
+                ) -> dict:
     "Plain ResNet-8 on the embedded digits: the reference every method row compares with"
+    from corsd_suite.models import train_digits
+    from corsd_suite.evaluate import evaluate_accuracy
     learn = train_digits(epochs=3 if quick else 10)
     acc = evaluate_accuracy(learn.model, learn.dls.valid, show=False)
     return dict(method='baseline (ResNet-8)', metric='digits valid accuracy', baseline=acc, result=acc)
 
 # %% ../nbs/90_cli.ipynb #7dbd9139
-def load_method_modules():
-    "Import every submodule of `corsd_suite` so that their demo rows register"
+def load_method_modules() -> list:
+    "Import every submodule of `corsd_suite` so that their demo rows register; the row names in order"
+    quiet_imports()
+    from corsd_suite.core import DEMO_ROWS, demo_row
+    if 'baseline' not in DEMO_ROWS: demo_row('baseline', order=0)(baseline_row)
     for mi in pkgutil.iter_modules(corsd_suite.__path__):
         if not mi.name.startswith('_') and mi.name != 'cli': importlib.import_module(f'corsd_suite.{mi.name}')
     return sorted(DEMO_ROWS, key=lambda k: DEMO_ROWS[k][0])
 
+def select_rows(only:str|None=None # a part of a row name, any case; None: every row
+               ) -> list:
+    "The demo rows whose name contains `only` (all when None); a `UsageError` listing the rows when none does"
+    names = load_method_modules()
+    if not only: return names
+    sel = [n for n in names if only.lower() in n.lower()]
+    if not sel: raise UsageError(f"no demo row matches --only {only!r}; the rows are: {', '.join(names)}")
+    return sel
+
+# %% ../nbs/90_cli.ipynb #b6f5bc01
+DEMO_SECONDS = {'baseline': (9, 30), 'CORSD': (55, 180), 'MGNet': (45, 135), 'Calibrator': (25, 50),
+                'ADMM': (30, 65), 'Reverse adversarial': (25, 75)}   # (quick, full) estimated seconds on 2 CPU cores
+
+def _fmt_s(s): return f"{s/60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+def demo_estimate(names:list, # row names, as `select_rows` gives them
+                  quick:bool=True # the quick schedules, else the full ones
+                 ) -> str:
+    "One line: the estimated time of the demo rows `names` on 2 CPU cores, in all and per row"
+    secs = {n: DEMO_SECONDS.get(n, (None, None))[0 if quick else 1] for n in names}
+    known = [s for s in secs.values() if s is not None]
+    per_row = ', '.join(f"{n} ~{_fmt_s(s)}" if s is not None else f"{n} unknown" for n,s in secs.items())
+    total = f"~{_fmt_s(sum(known))}" + (' + rows not timed' if len(known) < len(secs) else '')
+    return f"estimated time on 2 CPU cores: {total} ({per_row})"
+
 # %% ../nbs/90_cli.ipynb #c3b16636
-def run_demo(quick:bool=True, only:str|None=None) -> pd.DataFrame:
-    "Run every registered demo row (or those whose name contains `only`) and return the table"
-    rows = []
-    for name in load_method_modules():
-        if only and only.lower() not in name.lower(): continue
+def run_demo(quick:bool=True, # the quick schedules, else the full ones
+             only:str|None=None, # run only rows whose name contains this
+             names:list|None=None # run exactly these rows (default: `select_rows(only)`)
+            ) -> pd.DataFrame:
+    "Run the demo rows and return their table; on Ctrl-C, the rows already finished, with `attrs['interrupted']` set"
+    import pandas as pd
+    from corsd_suite.core import DEMO_ROWS
+    names = select_rows(only) if names is None else names
+    rows, stopped = [], None
+    for name in names:
         t0 = time.time()
-        row = DEMO_ROWS[name][1](quick)
+        try: row = DEMO_ROWS[name][1](quick)
+        except KeyboardInterrupt: stopped = name; break
         rows.append({**row, 'seconds': round(time.time()-t0, 1)})
         print(f"  {row['method']}: done in {rows[-1]['seconds']}s", flush=True)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs.update(interrupted=stopped is not None, interrupted_row=stopped, n_rows=len(names))
+    return df
 
 # %% ../nbs/90_cli.ipynb #95ed4d86
+def _print_table(df):
+    import pandas as pd
+    with pd.option_context('display.width', 200, 'display.max_colwidth', 60, 'display.float_format', '{:.4f}'.format):
+        print(df.to_string(index=False), flush=True)
+
 @call_parse
 def demo(full:store_true=False,   # longer schedules (a few minutes)
          only:str=None,           # run only rows whose name contains this
          threads:int=0):          # torch CPU threads (0: torch's default)
     "Train each method on the embedded digits and print its effect against its baseline"
+    if threads < 0: raise UsageError(f"--threads must be 0 (torch's default) or a positive number of CPU threads, got {threads}")
+    names = select_rows(only)                     # imports torch, fastai and the method modules
+    import torch
     if threads: torch.set_num_threads(threads)
-    print(f"corsd_suite {corsd_suite.__version__} demo on scikit-learn digits ({'full' if full else 'quick'})", flush=True)
-    df = run_demo(quick=not full, only=only)
-    if df.empty: print(f"no demo row matches {only!r}; rows: {load_method_modules()}"); return df
-    with pd.option_context('display.width', 200, 'display.max_colwidth', 60, 'display.float_format', '{:.4f}'.format):
-        print(df.to_string(index=False))
+    print(f"corsd_suite {corsd_suite.__version__} demo on scikit-learn digits ({'full' if full else 'quick'}), "
+          f"{len(names)} row{'s' if len(names) > 1 else ''}; {demo_estimate(names, not full)}", flush=True)
+    df = run_demo(quick=not full, names=names)
+    if len(df): _print_table(df)
+    if df.attrs['interrupted']:
+        print(f"interrupted (Ctrl-C) during {df.attrs['interrupted_row']!r}: {len(df)} of {len(names)} rows finished", flush=True)
     return df
 
 # %% ../nbs/90_cli.ipynb #1c05b4ea
 _COMMANDS = dict(demo=demo)
 
-def main():
-    "Entry point of the `corsd-suite` console script"
-    args = sys.argv[1:]
-    if not args or args[0] in ('-h','--help','help') or args[0] not in _COMMANDS:
-        if args and args[0] not in ('-h','--help','help'): print(f"unknown command {args[0]!r}\n")
-        print("usage: corsd-suite COMMAND [options]\n\ncommands:")
-        for k,f in _COMMANDS.items(): print(f"  {k:10s}{f.__doc__}")
-        print("\n`corsd-suite COMMAND --help` shows a command's options")
-        return 0 if not args or args[0] in ('-h','--help','help') else 2
+def _usage() -> str:
+    cmds = '\n'.join(f"  {k:10s}{f.__doc__}" for k,f in _COMMANDS.items())
+    return (f"usage: corsd-suite COMMAND [options]\n\ncommands:\n{cmds}\n\n"
+            "`corsd-suite COMMAND --help` shows a command's options; `corsd-suite --version` the version")
+
+def main(argv:list|None=None # the arguments (default: `sys.argv[1:]`)
+        ) -> int:
+    "Entry point of the `corsd-suite` console script; returns the exit status (2: bad usage, 130: Ctrl-C)"
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in ('-V', '--version'): print(f"corsd_suite {corsd_suite.__version__}"); return 0
+    if not args or args[0] in ('-h', '--help', 'help'): print(_usage()); return 0
+    if args[0] not in _COMMANDS: print(f"unknown command {args[0]!r}\n\n{_usage()}"); return 2
     f = _COMMANDS[args[0]]
     opts = vars(anno_parser(f, prog=f'corsd-suite {args[0]}').parse_args(args[1:]))
-    f(**{k:v for k,v in opts.items() if k in inspect.signature(f).parameters})
-    return 0
+    try: res = f(**{k:v for k,v in opts.items() if k in inspect.signature(f).parameters})
+    except UsageError as e: print(f"corsd-suite {args[0]}: error: {e}", file=sys.stderr); return 2
+    except KeyboardInterrupt: print("\ninterrupted (Ctrl-C)", file=sys.stderr); return 130
+    return 130 if getattr(res, 'attrs', {}).get('interrupted') else 0

@@ -6,7 +6,7 @@ Docs: https://corsd-suite.github.io/corsd_suite/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #c8aa82a3
 from __future__ import annotations
-import os, math
+import os, math, pickle, importlib
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from fastcore.all import *
@@ -14,18 +14,26 @@ from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 
 # %% auto #0
-__all__ = ['DATASETS', 'UNSEEN_TRANSFORMS', 'ImageSet', 'resize_images', 'digits', 'data_root', 'load_dataset', 'balanced_idxs',
-           'CropFlip', 'TensorDL', 'image_dls', 'digits_dls', 'dataset_dls', 'domain_pair', 'cluttered',
-           'gaussian_blur', 'unseen_transform', 'unseen_suite']
+__all__ = ['DATASETS', 'UNSEEN_TRANSFORMS', 'ImageSet', 'check_nonempty', 'check_dls_nonempty', 'resize_images', 'digits',
+           'data_root', 'DataFileError', 'read_idx', 'load_dataset', 'balanced_idxs', 'CropFlip', 'TensorDL',
+           'image_dls', 'digits_dls', 'dataset_dls', 'domain_pair', 'cluttered', 'gaussian_blur', 'unseen_transform',
+           'unseen_suite']
 
 # %% ../nbs/01_data.ipynb #98d44a84
 class ImageSet(BasicRepr):
-    "Images `x` (uint8, N×C×H×W) with integer labels `y` and class names"
-    def __init__(self, x:torch.Tensor, y:torch.Tensor, classes=None, name:str=''):
+    "Images `x` (uint8, N×C×H×W) with integer labels `y` in `[0, c)` and class names"
+    def __init__(self,
+                 x:torch.Tensor,  # uint8 images, N×C×H×W
+                 y:torch.Tensor,  # N integer labels, each in [0, len(classes))
+                 classes=None,    # class names (default: '0', '1', ... up to the largest label)
+                 name:str=''):    # a name shown in the repr and in error messages
         if x.dtype != torch.uint8 or x.ndim != 4: raise ValueError(f"ImageSet needs uint8 images (N, C, H, W); got {x.dtype} {tuple(x.shape)}")
         if len(x) != len(y): raise ValueError(f"ImageSet has {len(x)} images but {len(y)} labels")
         y = torch.as_tensor(y, dtype=torch.long)
         if classes is None: classes = [str(i) for i in range(int(y.max())+1 if len(y) else 0)]
+        if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+            raise ValueError(f"ImageSet {name!r}: labels must be in [0, {len(classes)}) for {len(classes)} classes; "
+                             f"found {int(y.min())}..{int(y.max())}")
         store_attr()
     def __len__(self): return len(self.y)
     def __getitem__(self, i): return self.x[i], self.y[i]
@@ -42,6 +50,21 @@ class ImageSet(BasicRepr):
         "Per-channel mean and std of the images in [0, 1]"
         xf = self.x.float().div_(255)
         return xf.mean((0,2,3)).tolist(), xf.std((0,2,3)).tolist()
+
+# %% ../nbs/01_data.ipynb #d87ebf3f
+def check_nonempty(ds, # an `ImageSet`, dataset or anything with a length
+                   what:str='dataset'): # the split's name for the error, e.g. 'the training set (dls.train_ds)'
+    "Return `ds`, or raise a `ValueError` naming `what` when it has no items"
+    if hasattr(ds, '__len__') and len(ds) == 0: raise ValueError(f"{what} is empty: it has no images")
+    return ds
+
+def check_dls_nonempty(dls, # fastai `DataLoaders` with `train_ds` and `valid_ds`
+                       who:str=''): # the caller's name for the error, e.g. 'corsd_learner'
+    "Return `dls`, or raise a `ValueError` naming the empty split (train or valid)"
+    pre = f"{who}: " if who else ''
+    check_nonempty(dls.train_ds, f"{pre}the training set (dls.train_ds)")
+    check_nonempty(dls.valid_ds, f"{pre}the validation set (dls.valid_ds)")
+    return dls
 
 # %% ../nbs/01_data.ipynb #6c2f2568
 def resize_images(x:torch.Tensor, size:int|tuple) -> torch.Tensor:
@@ -80,8 +103,9 @@ _EXPECTED = dict(
            'MNIST/raw/t10k-images-idx3-ubyte', 'MNIST/raw/t10k-labels-idx1-ubyte'],
     fashion_mnist=['FashionMNIST/raw/train-images-idx3-ubyte', 'FashionMNIST/raw/train-labels-idx1-ubyte',
                    'FashionMNIST/raw/t10k-images-idx3-ubyte', 'FashionMNIST/raw/t10k-labels-idx1-ubyte'],
-    usps=['usps.bz2 (train split)', 'usps.t.bz2 (test split)'],
-    cifar10=['cifar-10-batches-py/data_batch_1..5', 'cifar-10-batches-py/test_batch'],
+    usps=['USPS/usps.h5 (both splits)', 'or usps.bz2 (train split) and usps.t.bz2 (test split), torchvision\'s LIBSVM files'],
+    cifar10=['cifar-10-batches-bin/data_batch_1..5.bin, test_batch.bin and batches.meta.txt (official binary version)',
+             'or cifar-10-batches-py/data_batch_1..5, test_batch and batches.meta (python version)'],
     cifar100=['cifar-100-python/train', 'cifar-100-python/test'],
     svhn=['train_32x32.mat', 'test_32x32.mat'])
 _ALIASES = {'fmnist':'fashion_mnist', 'fashion-mnist':'fashion_mnist', 'fashionmnist':'fashion_mnist',
@@ -89,16 +113,148 @@ _ALIASES = {'fmnist':'fashion_mnist', 'fashion-mnist':'fashion_mnist', 'fashionm
 DATASETS = list(_EXPECTED)
 
 # %% ../nbs/01_data.ipynb #896d86dd
-def data_root(root=None, download:bool=False) -> Path:
+def data_root(root=None, # the data folder; None: `$CORSD_DATA`
+              download:bool=False): # with no folder given, fall back to `~/.corsd_suite/data` to download into
     "The folder datasets are read from: `root`, else `$CORSD_DATA`, else (only to download) `~/.corsd_suite/data`"
-    root = root or os.environ.get('CORSD_DATA')
+    src = 'root=' if root is not None else 'CORSD_DATA'
+    if root is None: root = os.environ.get('CORSD_DATA')
     if root is None:
         if download: return Path('~/.corsd_suite/data').expanduser()
         raise FileNotFoundError("No data folder: pass `root=` or set the CORSD_DATA environment variable "
                                 "to the folder holding the datasets (or pass download=True)")
+    if not str(root).strip():
+        raise ValueError(f"{src} is an empty string: name the folder holding the datasets "
+                         "(an empty value would silently mean the current folder)")
     return Path(root).expanduser()
 
 # %% ../nbs/01_data.ipynb #c62ad49a
+class DataFileError(ValueError):
+    "A dataset file that is there but unusable: truncated, a bad header, labels that do not match the images"
+
+def _bad(path, what): return DataFileError(f"{path}: {what}")
+
+def _check_labels(y, n_images:int, n_classes:int, path, what='labels'):
+    "Raise a `DataFileError` naming `path` unless `y` has one integer label in `[0, n_classes)` per image"
+    y = np.asarray(y)
+    if n_images == 0: raise _bad(path, "holds no images (an empty split)")
+    if y.ndim != 1 or len(y) != n_images: raise _bad(path, f"{len(y) if y.ndim else 0:,} {what} for {n_images:,} images")
+    if y.dtype.kind == 'f' and not (y == np.round(y)).all(): raise _bad(path, f"{what} are not whole numbers")
+    out = (y < 0) | (y >= n_classes)
+    if out.any():
+        i = int(out.argmax())
+        raise _bad(path, f"{int(out.sum()):,} {what} outside [0, {n_classes}) for {n_classes} classes (first: {y[i]} at index {i})")
+    return torch.from_numpy(y.astype(np.int64))
+
+# %% ../nbs/01_data.ipynb #e1bcd8fb
+def read_idx(path) -> np.ndarray:
+    "Read an idx file (MNIST's format: 3 magic bytes, its number of dimensions, big-endian sizes, uint8 data), checking its length"
+    path = Path(path)
+    buf = bytearray(path.read_bytes())                       # FileNotFoundError when missing
+    if len(buf) < 4 or buf[0] or buf[1] or buf[2] != 0x08 or not 1 <= buf[3] <= 4:
+        raise _bad(path, f"not an idx file of unsigned bytes: its magic number is {bytes(buf[:4]).hex() or 'missing'}, "
+                         "expected 000008 then the number of dimensions (01 for labels, 03 for images)")
+    nd = buf[3]; hdr = 4 + 4*nd
+    if len(buf) < hdr: raise _bad(path, f"truncated: {len(buf)} bytes, shorter than its {hdr}-byte header")
+    dims = [int(v) for v in np.frombuffer(buf, '>u4', nd, 4)]
+    need = hdr + math.prod(dims)
+    if len(buf) != need:
+        raise _bad(path, f"{'truncated' if len(buf) < need else 'longer than its header says'}: the header gives "
+                         f"{'×'.join(map(str, dims))} items ({need:,} bytes with the header) but the file has {len(buf):,} bytes")
+    return np.frombuffer(buf, np.uint8, offset=hdr).reshape(dims)
+
+_IDX_FOLDERS = dict(mnist='MNIST', fashion_mnist='FashionMNIST')
+_IDX_CLASSES = dict(mnist=['0 - zero', '1 - one', '2 - two', '3 - three', '4 - four', '5 - five', '6 - six', '7 - seven', '8 - eight', '9 - nine'],
+                    fashion_mnist=['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'])
+
+def _read_idx_split(key, folder:Path, train:bool):
+    raw, pre = folder/_IDX_FOLDERS[key]/'raw', 'train' if train else 't10k'
+    ip, lp = raw/f'{pre}-images-idx3-ubyte', raw/f'{pre}-labels-idx1-ubyte'
+    x, y = read_idx(ip), read_idx(lp)
+    if x.ndim != 3: raise _bad(ip, f"expected images (3 dimensions: count × rows × columns), its header gives {x.ndim}")
+    if y.ndim != 1: raise _bad(lp, f"expected labels (1 dimension), its header gives {y.ndim}")
+    y = _check_labels(y, len(x), 10, lp)
+    return ImageSet(torch.from_numpy(x)[:,None], y, _IDX_CLASSES[key], key), [ip, lp]
+
+# %% ../nbs/01_data.ipynb #77159474
+_CIFAR_RECORD, _CIFAR_PER_FILE = 1 + 3*32*32, 10_000
+
+def _cifar_files(d:Path, train:bool, ext:str=''):
+    return [d/f'data_batch_{i}{ext}' for i in range(1, 6)] if train else [d/f'test_batch{ext}']
+
+def _read_cifar_bin(folder:Path, train:bool):
+    "CIFAR-10's official binary version: records of 1 label byte and 3×1,024 pixel bytes (R, G, B planes)"
+    d = folder/'cifar-10-batches-bin'
+    meta = d/'batches.meta.txt'
+    classes = [l.strip() for l in meta.read_text().splitlines() if l.strip()]
+    if len(classes) != 10: raise _bad(meta, f"expected 10 class names, one a line; found {len(classes)}")
+    xs, ys, files = [], [], _cifar_files(d, train, '.bin')
+    for f in files:
+        buf = np.fromfile(f, np.uint8)
+        if len(buf) != _CIFAR_RECORD*_CIFAR_PER_FILE:
+            raise _bad(f, f"{len(buf):,} bytes; a CIFAR-10 batch holds {_CIFAR_PER_FILE:,} records of {_CIFAR_RECORD:,} bytes "
+                          f"(1 label + 3×32×32 pixels) = {_CIFAR_RECORD*_CIFAR_PER_FILE:,} bytes"
+                          + ('' if len(buf) % _CIFAR_RECORD else f" (this file: {len(buf)//_CIFAR_RECORD:,} whole records)"))
+        r = buf.reshape(-1, _CIFAR_RECORD)
+        ys.append(_check_labels(r[:,0], len(r), 10, f)); xs.append(r[:,1:].reshape(-1, 3, 32, 32))
+    return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.cat(ys), classes, 'cifar10'), [*files, meta]
+
+# %% ../nbs/01_data.ipynb #e4ed40f6
+def _numpy_dtype(*args):
+    dt = np.dtype(*args)
+    if dt.hasobject: raise pickle.UnpicklingError("refusing a numpy array of Python objects")
+    return dt
+
+def _codecs_encode(s, encoding='utf-8'):
+    if not isinstance(s, str) or encoding not in ('latin1', 'latin-1', 'utf-8', 'utf8', 'ascii'):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode({type(s).__name__}, {encoding!r})")
+    return s.encode(encoding)
+
+class _ArraysOnly(pickle.Unpickler):
+    "Unpickle only numpy arrays (no object arrays), lists, dicts, strings and numbers: a pickled payload cannot run code"
+    def find_class(self, module, name):
+        if name == '_reconstruct' and module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+            return np.ndarray.__reduce__(np.zeros(0))[0]          # numpy's own array rebuilder, whatever its module path
+        if (module, name) == ('numpy', 'ndarray'): return np.ndarray
+        if (module, name) == ('numpy', 'dtype'): return _numpy_dtype
+        if (module, name) == ('_codecs', 'encode'): return _codecs_encode   # how Python 3 writes bytes in protocol 2
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only arrays, lists and strings")
+
+def _unpickle_arrays(path:Path) -> dict:
+    with open(path, 'rb') as f:
+        try: return _ArraysOnly(f, encoding='latin1').load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise _bad(path, f"not a readable CIFAR python batch ({type(e).__name__}: {e})") from e
+
+def _read_cifar_py(folder:Path, train:bool):
+    "torchvision's CIFAR-10 python version, read without running any code the files could hold"
+    d = folder/'cifar-10-batches-py'
+    meta = d/'batches.meta'
+    classes = list(_unpickle_arrays(meta).get('label_names', []))
+    if len(classes) != 10: raise _bad(meta, f"expected 10 'label_names', found {len(classes)}")
+    xs, ys, files = [], [], _cifar_files(d, train)
+    for f in files:
+        b = _unpickle_arrays(f)
+        x = np.asarray(b.get('data', np.zeros((0,))))
+        if x.dtype != np.uint8 or x.shape != (_CIFAR_PER_FILE, 3*32*32):
+            raise _bad(f, f"'data' is {x.dtype} {x.shape}; a CIFAR-10 batch holds uint8 ({_CIFAR_PER_FILE}, 3072)")
+        ys.append(_check_labels(b.get('labels', []), len(x), 10, f)); xs.append(x.reshape(-1, 3, 32, 32))
+    return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.cat(ys), classes, 'cifar10'), [*files, meta]
+
+# %% ../nbs/01_data.ipynb #14e42b0d
+def _read_usps_h5(path:Path, train:bool):
+    "USPS as `usps.h5` (ESL's zip.train/zip.test rescaled to [0, 1]): `train|test/data` N×256 and `train|test/target`"
+    import h5py
+    split = 'train' if train else 'test'
+    try:
+        with h5py.File(path, 'r') as f: x, y = np.asarray(f[split]['data']), np.asarray(f[split]['target'])
+    except KeyError as e: raise _bad(path, f"has no '{split}/data' and '{split}/target' datasets") from e
+    except OSError as e: raise _bad(path, f"not a readable HDF5 file ({e})") from e
+    if x.ndim != 2 or x.shape[1] != 256: raise _bad(path, f"'{split}/data' has shape {x.shape}; expected (N, 256), 16×16 images")
+    y = _check_labels(y, len(x), 10, path, f"'{split}/target' labels")
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1: raise _bad(path, f"'{split}/data' has values outside [0, 1]")
+    x = torch.from_numpy(np.rint(x*255).astype(np.uint8).reshape(-1, 1, 16, 16))
+    return ImageSet(x, y, [str(i) for i in range(10)], 'usps'), [path]
+
 def _tv_dataset(name, root, train, download):
     import torchvision.datasets as tvd
     if name=='mnist': return tvd.MNIST(root, train=train, download=download)
@@ -108,29 +264,58 @@ def _tv_dataset(name, root, train, download):
     if name=='cifar100': return tvd.CIFAR100(root, train=train, download=download)
     if name=='svhn': return tvd.SVHN(root, split='train' if train else 'test', download=download)
 
-def _to_imageset(d, name) -> ImageSet:
+_TV_FILES = dict(usps=('usps.bz2', 'usps.t.bz2'), cifar100=('cifar-100-python/train', 'cifar-100-python/test'),
+                 svhn=('train_32x32.mat', 'test_32x32.mat'))
+
+def _read_torchvision(key, folder:Path, train:bool, download:bool):
+    "A dataset torchvision reads (LIBSVM USPS, CIFAR-100, SVHN), with the same checks as the other readers"
+    f = folder/_TV_FILES[key][0 if train else 1]
+    if not f.exists() and not download: raise FileNotFoundError(f)
+    try: d = _tv_dataset(key, str(folder), train, download)
+    except (EOFError, OSError, ValueError, RuntimeError) as e:
+        if not f.exists(): raise FileNotFoundError(f) from e
+        raise _bad(f, f"unreadable ({type(e).__name__}: {e})") from e
     x = torch.as_tensor(np.asarray(d.data))
-    if x.ndim == 3: x = x[:,None]                          # grey N×H×W
-    elif x.shape[-1] == 3 and x.shape[1] != 3: x = x.permute(0,3,1,2)  # CIFAR N×H×W×C
-    y = torch.as_tensor(np.asarray(getattr(d, 'targets', getattr(d, 'labels', None))), dtype=torch.long)
-    classes = getattr(d, 'classes', None) or [str(i) for i in range(int(y.max())+1)]
-    return ImageSet(x.contiguous().to(torch.uint8), y, list(classes), name)
+    if x.ndim == 3: x = x[:,None]                                          # grey N×H×W
+    elif x.shape[-1] == 3 and x.shape[1] != 3: x = x.permute(0,3,1,2)      # N×H×W×C
+    classes = list(getattr(d, 'classes', None) or [str(i) for i in range(100 if key == 'cifar100' else 10)])
+    y = _check_labels(getattr(d, 'targets', getattr(d, 'labels', [])), len(x), len(classes), f)
+    return ImageSet(x.contiguous().to(torch.uint8), y, classes, key), [f]
 
 # %% ../nbs/01_data.ipynb #dafbbac3
-def load_dataset(name:str, root=None, train:bool=True, download:bool=False, size=None, n_channels:int|None=None) -> ImageSet:
-    "Load the `train` or test split of `name` (mnist, fashion_mnist, usps, cifar10, cifar100, svhn) as an `ImageSet`"
+def _read(key, folder:Path, train:bool, download:bool):
+    "The `ImageSet` of one split and the files it was read from"
+    if key in _IDX_FOLDERS:
+        if download: _tv_dataset(key, str(folder), train, True)          # torchvision fetches the idx files
+        return _read_idx_split(key, folder, train)
+    if key == 'cifar10':
+        if (folder/'cifar-10-batches-bin').is_dir(): return _read_cifar_bin(folder, train)
+        if download and not (folder/'cifar-10-batches-py').is_dir(): _tv_dataset(key, str(folder), train, True)
+        return _read_cifar_py(folder, train)
+    if key == 'usps' and (folder/'USPS'/'usps.h5').exists(): return _read_usps_h5(folder/'USPS'/'usps.h5', train)
+    return _read_torchvision(key, folder, train, download)
+
+def load_dataset(name:str, # mnist, fashion_mnist, usps, cifar10, cifar100 or svhn
+                 root=None, # the data folder; None: `$CORSD_DATA`
+                 train:bool=True, # the training split, else the test split
+                 download:bool=False, # let torchvision fetch missing files (needs internet)
+                 size=None, # resize the images to `size` (an int or (h, w))
+                 n_channels:int|None=None # convert to this many channels (1 or 3)
+                ) -> ImageSet:
+    "Load the `train` or test split of `name` as an `ImageSet` whose `files` lists the files read"
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in _EXPECTED: raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     folder = data_root(root, download)
-    try: d = _tv_dataset(key, str(folder), train, download)
-    except (RuntimeError, FileNotFoundError, OSError) as e:
+    try: ds, files = _read(key, folder, train, download)
+    except (FileNotFoundError, RuntimeError) as e:
+        missing = f" ({e.filename or e} is missing)" if isinstance(e, FileNotFoundError) else ''
         raise FileNotFoundError(
-            f"dataset {key!r} ({'train' if train else 'test'} split) not found in {folder} "
-            f"(from {'root=' if root else 'CORSD_DATA'}). Expected there: {', '.join(_EXPECTED[key])}. "
+            f"dataset {key!r} ({'train' if train else 'test'} split) not found in {folder}{missing} "
+            f"(from {'root=' if root else 'CORSD_DATA'}). Expected there: {'; '.join(_EXPECTED[key])}. "
             f"Point the CORSD_DATA environment variable (or root=) at the folder holding them, or pass download=True.") from e
-    ds = _to_imageset(d, key)
     if size is not None: ds = ds.resize(size)
     if n_channels is not None: ds = ds.to_channels(n_channels)
+    ds.files = [str(f) for f in files]
     return ds
 
 # %% ../nbs/01_data.ipynb #91963c3f
@@ -152,7 +337,8 @@ def balanced(self:ImageSet, n_per_class:int, seed:int=0) -> ImageSet:
 # %% ../nbs/01_data.ipynb #b697ac64
 @patch
 def split(self:ImageSet, pct:float=0.2, seed:int=0, stratify:bool=True):
-    "Split into two `ImageSet`s, the second holding `pct` of the items (per class if `stratify`)"
+    "Split into two non-empty `ImageSet`s, the second holding `pct` of the items (per class if `stratify`)"
+    if not 0 < pct < 1: raise ValueError(f"split: pct must be between 0 and 1 (exclusive), got {pct}")
     g = torch.Generator().manual_seed(seed)
     groups = [(self.y==c).nonzero().flatten() for c in torch.unique(self.y).tolist()] if stratify else [torch.arange(len(self))]
     a,b = [],[]
@@ -160,7 +346,10 @@ def split(self:ImageSet, pct:float=0.2, seed:int=0, stratify:bool=True):
         idx = idx[torch.randperm(len(idx), generator=g)]
         k = int(round(len(idx)*pct))
         b.append(idx[:k]); a.append(idx[k:])
-    return self.subset(torch.cat(a).sort().values), self.subset(torch.cat(b).sort().values)
+    a,b = [torch.cat(o).sort().values if o else torch.zeros(0, dtype=torch.long) for o in (a,b)]
+    for part,what in ((a, 'first'), (b, f'second ({pct:.0%})')):
+        check_nonempty(part, f"split(pct={pct}) of {self.name or 'the set'!r} ({len(self)} items): its {what} part")
+    return self.subset(a), self.subset(b)
 
 # %% ../nbs/01_data.ipynb #e0a57e6b
 class CropFlip:
@@ -205,8 +394,17 @@ class TensorDL(DataLoader):
         return res
 
 # %% ../nbs/01_data.ipynb #9c4b0372
-def image_dls(train:ImageSet, valid:ImageSet, bs:int=64, augment=None, device=None, val_bs:int|None=None, drop_last:bool=True) -> DataLoaders:
-    "fastai `DataLoaders` over two `ImageSet`s; `augment` (e.g. `CropFlip()`) applies to training batches only"
+def image_dls(train:ImageSet, # the training images
+              valid:ImageSet, # the validation images
+              bs:int=64, # training batch size
+              augment=None, # a batch augmentation for training batches, e.g. `CropFlip()`
+              device=None, # None: `best_device()`
+              val_bs:int|None=None, # validation batch size (default 2×`bs`)
+              drop_last:bool=True # drop the last incomplete training batch (when there is more than one batch)
+             ) -> DataLoaders:
+    "fastai `DataLoaders` over two non-empty `ImageSet`s; `augment` applies to training batches only"
+    check_nonempty(train, f"the training set {train.name!r} given to image_dls")
+    check_nonempty(valid, f"the validation set {valid.name!r} given to image_dls")
     if train.shape != valid.shape: raise ValueError(f"train images are {train.shape} but valid images are {valid.shape}")
     if device is None:
         from .core import best_device
@@ -237,19 +435,31 @@ def dataset_dls(name:str, root=None, n_per_class:int|None=None, size=None, n_cha
     return image_dls(tr, va, bs=bs, augment=augment, device=device)
 
 # %% ../nbs/01_data.ipynb #66abfae7
-def domain_pair(source:str='mnist', target:str='usps', size:int=28, n_channels:int=1, root=None, seed:int=0,
-                n_per_class:int|None=None) -> AttrDict:
-    "Source train/test and target adapt/eval `ImageSet`s at a common `size` (see `protocol`)"
-    kw = dict(root=root, size=size, n_channels=n_channels)
+def _rel(files, folder): return ', '.join(os.path.relpath(f, folder) for f in files)
+
+def domain_pair(source:str='mnist', # labelled source dataset
+                target:str='usps', # target dataset, its labels used only for evaluation
+                size:int=28, # common image size
+                n_channels:int=1, # common channel count
+                root=None, # the data folder; None: `$CORSD_DATA`
+                seed:int=0, # seed of the balanced source subset and of the test-split fallback
+                n_per_class:int|None=None # a class-balanced source training subset of this many per class
+               ) -> AttrDict:
+    "Source train/test and target adapt/eval `ImageSet`s at a common `size`; `protocol` names the files and splits used"
+    kw, folder = dict(root=root, size=size, n_channels=n_channels), data_root(root)
     src_tr, src_te = load_dataset(source, train=True, **kw), load_dataset(source, train=False, **kw)
+    src_files = _rel(src_tr.files, folder)
     if n_per_class: src_tr = src_tr.balanced(n_per_class, seed)
+    tgt_ev = load_dataset(target, train=False, **kw)
     try:
-        tgt_ad, tgt_ev = load_dataset(target, train=True, **kw), load_dataset(target, train=False, **kw)
-        protocol = f"{target} train split (unlabelled) for adaptation, {target} test split for evaluation"
+        tgt_ad = load_dataset(target, train=True, **kw)
+        protocol = (f"{target} train split ({len(tgt_ad)} images, labels unused) for adaptation, read from {_rel(tgt_ad.files, folder)}; "
+                    f"{target} test split ({len(tgt_ev)} images) for evaluation, read from {_rel(tgt_ev.files, folder)}")
     except FileNotFoundError:
-        tgt_ad, tgt_ev = load_dataset(target, train=False, **kw).split(0.5, seed)
-        protocol = (f"{target} train split not found: its test split divided (seed {seed}, stratified) into "
-                    f"{len(tgt_ad)} unlabelled adaptation and {len(tgt_ev)} held-out evaluation images")
+        files, (tgt_ad, tgt_ev) = tgt_ev.files, tgt_ev.split(0.5, seed)
+        protocol = (f"{target} train split not found in {folder}: its test split ({_rel(files, folder)}) divided (seed {seed}, "
+                    f"stratified) into {len(tgt_ad)} unlabelled adaptation and {len(tgt_ev)} held-out evaluation images")
+    protocol += f"; source: {source} train split ({len(src_tr)} images) from {src_files}"
     return AttrDict(source_train=src_tr, source_test=src_te, target_adapt=tgt_ad, target_eval=tgt_ev, protocol=protocol)
 
 # %% ../nbs/01_data.ipynb #ce70f061

@@ -18,7 +18,7 @@ def _plain(o):
     o['data'] = {'text/plain': txt}
     return o
 nb = nbformat.read(root/'nbs'/'index.ipynb', as_version=4)
-NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(root/'nbs')}}).execute()
+NotebookClient(nb, timeout=1800, kernel_name='python3', resources={'metadata': {'path': str(root/'nbs')}}).execute()
 cells = []
 for c in nb.cells:
     src = c.source
