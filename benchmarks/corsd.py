@@ -1,137 +1,180 @@
-"""Baseline vs BYOT vs CORSD self-distillation on Fashion-MNIST with a CIFAR-style ResNet on one channel.
+"""Baseline vs BYOT vs CORSD vs a compute-matched baseline on CIFAR-10, as the authors' code trains them.
 
-Quick protocol (default, sized for 2 shared CPU cores): ResNet-8, a class-balanced training subset, a held-out
-validation split taken from the training set (monitoring only; no choice was tuned on it or on test), the same
-one-cycle schedule, batch size and augmentation for the three arms, several seeds; final accuracy on the full
-10,000-image test split of every exit. `--full` is the issue's protocol (ResNet-20, larger subset, longer schedule).
-The three arms run in parallel processes (one thread each) so that they share the machine's load equally and their
-seconds per epoch are comparable.
+Protocol (issue 16): a class-balanced CIFAR-10 training subset (`--n_train`, default 10,000 images) and a validation
+split of OTHER training images (`--n_valid`, default 2,000, for monitoring and for any choice: none is tuned here,
+the recipe is the authors'); the full 10,000-image test split is read once, after the final epoch. Every arm: SGD
+momentum 0.9, weight decay 5e-4 as L2 on every parameter (the authors' `optim.SGD`), fastai's one-cycle with
+PyTorch's OneCycleLR shape (30% warm-up, final lr/2.5e5), crop (pad 4) + flip, the same epochs. Arms:
+- `baseline`: the plain zoo network, batches of `--bs` (128);
+- `byot`: BYOT exits and losses (`byot_learner`), batches of `--bs`;
+- `corsd`: CORSD (`corsd_learner`) on triplet batches of `--triplets` anchors (43 = 129 images, as the authors); an
+  epoch is one pass over the anchors, hence 3 images per anchor: 3× the image passes of a baseline epoch;
+- `baseline_compute_matched`: the plain network for 3× the epochs (as many image forward/backward passes as CORSD);
+- `corsd_byot` (off by default; `--arms ...,corsd_byot`): CORSD stacked on BYOT, a separate arm.
+Seeds 0, 1, 2 (initialisation, order, augmentation; one fixed data subset). The deployed network of every arm is the
+plain backbone; its test accuracy is what is compared. Seconds per epoch are per arm (runs made alone).
 
-Run from the repository root: CORSD_DATA=/work/shared/data python benchmarks/corsd.py
+Runs go through the resumable runner (`benchmarks/runner.py`): finished runs are skipped, an interrupted run resumes
+from its last epoch with the same result. From the repository root (the lead runs it alone on the machine):
+
+    CORSD_DATA=../shared/data python benchmarks/corsd.py --arch resnet8 --epochs 20 --threads 2
+
+Choice of ResNet-8 and 20 epochs (a rough estimate, to be checked against the first run's seconds per epoch): in the
+smoke test (one thread, on a machine loaded ~6x) CORSD cost about as much per image as the plain network (its relation
+networks are small next to three backbone passes), and its epoch holds 3x the images. At an estimated ~4 ms per image
+for ResNet-8 alone on 2 cores, a CORSD epoch on 10,000 anchors is ~2 min, so 20 epochs is ~40 min, and the
+compute-matched baseline (60 epochs of 10,000 images) about the same; ResNet-20 costs ~3x more per image and would
+allow only ~7 epochs within the ~45 min per arm-seed run the issue allows.
+
+Smoke test (a couple of minutes; writes benchmarks/results/corsd_smoke* and results/runs/corsd_smoke/, delete after):
+    CORSD_DATA=../shared/data python benchmarks/corsd.py --out corsd_smoke --cache /tmp/corsd_smoke --n_train 200 \
+        --n_valid 100 --epochs 1 --seeds 0 --n_test 500
 """
-import argparse, os, sys, time
-import multiprocessing as mp
+import argparse, sys
+from functools import partial
 from pathlib import Path
+import numpy as np, torch
 sys.path.insert(0, str(Path(__file__).parent))
-import torch
+import runner
+from common import mean_std, fmt_ms, md_table, command_line
+
+ARMS = dict(baseline='plain network', byot='BYOT (exits + self-distillation)', corsd='CORSD (triplets + relation networks)',
+            baseline_compute_matched='plain network, 3× the epochs (CORSD\'s image passes)', corsd_byot='CORSD stacked on BYOT')
+DEFAULT_ARMS = 'baseline,byot,corsd,baseline_compute_matched'
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--full', action='store_true', help="the issue's protocol: resnet20, 28x28, 1000/class, 15 epochs, full test split")
-    p.add_argument('--arch', default=None); p.add_argument('--width', type=float, default=None)
-    p.add_argument('--n-per-class', type=int, default=None); p.add_argument('--n-valid-per-class', type=int, default=50)
-    p.add_argument('--size', type=int, default=None); p.add_argument('--epochs', type=int, default=None)
-    p.add_argument('--bs', type=int, default=64); p.add_argument('--lr', type=float, default=1e-2)
-    p.add_argument('--seeds', default='0,1,2'); p.add_argument('--arms', default='baseline,byot,corsd')
-    p.add_argument('--n-test', type=int, default=None, help='0: the whole test split; else a class-balanced subset')
-    p.add_argument('--name', default='corsd')
-    p.add_argument('--beta', type=float, default=1.); p.add_argument('--gamma', type=float, default=0.5)
-    p.add_argument('--jobs', type=int, default=3, help='parallel processes (one torch thread each)')
+    runner.add_args(p)
+    p.add_argument('--arch', default='resnet8', choices=['resnet8', 'resnet20'], help='CIFAR ResNet of the zoo')
+    p.add_argument('--epochs', type=int, default=20, help='epochs of every arm (the compute-matched baseline: 3×)')
+    p.add_argument('--n_train', type=int, default=10_000, help='class-balanced training subset (images)')
+    p.add_argument('--n_valid', type=int, default=2_000, help='validation split of other training images')
+    p.add_argument('--n_test', type=int, default=0, help='0: the full 10,000-image test split (smoke tests: fewer)')
+    p.add_argument('--bs', type=int, default=128, help='batch size of the baseline and BYOT arms')
+    p.add_argument('--triplets', type=int, default=43, help='anchors per CORSD batch (3 images each)')
+    p.add_argument('--lr', type=float, default=0.1, help='one-cycle maximum learning rate (the authors: 0.1)')
+    p.add_argument('--seeds', default='0,1,2')
+    p.add_argument('--arms', default=DEFAULT_ARMS, help=f'comma-separated, from {list(ARMS)}')
+    p.add_argument('--out', default='corsd', help='result name (benchmarks/results/<out>.json/.md)')
     a = p.parse_args(argv)
-    full = dict(arch='resnet20', width=1., n_per_class=1000, epochs=15, size=28, n_test=0)
-    quick = dict(arch='resnet8', width=1., n_per_class=200, epochs=5, size=20, n_test=5000)
-    for k,v in (full if a.full else quick).items():
-        if getattr(a, k) is None: setattr(a, k, v)
+    bad = [x for x in a.arms.split(',') if x not in ARMS]
+    if bad: p.error(f"--arms: unknown {bad}; choose from {list(ARMS)}")
+    for k in ('epochs', 'n_train', 'n_valid', 'bs', 'triplets'):
+        if getattr(a, k) < 1: p.error(f"--{k} must be at least 1")
+    if a.n_train % 10 or a.n_valid % 10: p.error("--n_train and --n_valid must be multiples of 10 (class-balanced)")
+    if not (a.lr > 0): p.error("--lr must be positive")
     return a
 
-def load_data(a):
-    from corsd_suite.data import load_dataset
-    tr = load_dataset('fashion_mnist', train=True, size=a.size)
-    te = load_dataset('fashion_mnist', train=False, size=a.size)
-    pool = tr.balanced(a.n_per_class + a.n_valid_per_class, seed=0)   # one fixed subset for every arm and seed
-    train, valid = pool.split(a.n_valid_per_class/(a.n_per_class + a.n_valid_per_class), seed=0)
-    if a.n_test: te = te.balanced(a.n_test//te.c, seed=0)
-    return train, valid, te
+_DATA = {}
+def load_data(n_train:int, n_valid:int, n_test:int):
+    "Class-balanced training subset, a disjoint validation split of other training images, the test split (cached)"
+    key = (n_train, n_valid, n_test)
+    if key not in _DATA:
+        from corsd_suite.data import load_dataset
+        tr, te = load_dataset('cifar10', train=True), load_dataset('cifar10', train=False)
+        pool = tr.balanced((n_train + n_valid)//10, seed=0)
+        train, valid = pool.split(n_valid/(n_train + n_valid), seed=0)
+        if n_test: te = te.balanced(n_test//10, seed=0)
+        _DATA[key] = train, valid, te
+    return _DATA[key]
 
-def run_arm(arm, a, seed):
-    "Train arm `arm` with `seed`; returns a result dict"
-    torch.set_num_threads(1)
-    from fastai.callback.all import Callback
-    from corsd_suite.core import seed_everything
+def make_learner(arm:str, dls, arch:str, triplets:int):
+    "The learner of `arm`: SGD momentum 0.9 with L2 weight decay 5e-4 on every parameter, as the authors"
+    from fastai.optimizer import SGD
+    from corsd_suite.models import zoo_learner
+    from corsd_suite.corsd import byot_learner, corsd_learner
+    opt = dict(opt_func=partial(SGD, mom=0.9, decouple_wd=False), wd=5e-4, wd_bn_bias=True)
+    if arm in ('baseline', 'baseline_compute_matched'): return zoo_learner(dls, arch, **opt)
+    if arm == 'byot': return byot_learner(dls, arch, **opt)
+    return corsd_learner(dls, arch, cb_kw=dict(byot=arm == 'corsd_byot'), n_triplets=triplets, **opt)
+
+def train_arm(ctx):
+    "One run: train arm `ctx.config['arm']` with seed `ctx.seed`; the test split is read after the final epoch"
     from corsd_suite.data import image_dls, CropFlip, TensorDL
-    from corsd_suite.models import get_model
-    from fastai.learner import Learner
-    from fastai.losses import CrossEntropyLossFlat
-    from fastai.metrics import accuracy
     from corsd_suite.evaluate import evaluate_accuracy
-    from corsd_suite.corsd import exit_learner, exit_accuracies
-    class EpochTimer(Callback):
-        order = 99
-        def before_fit(self): self.times = []
-        def before_train(self): self.t0 = time.time()
-        def after_train(self): self.times.append(time.time() - self.t0)
-    train, valid, test = load_data(a)
-    seed_everything(seed)
-    dls = image_dls(train, valid, bs=a.bs, augment=CropFlip(pad=2, flip=True), device='cpu')
-    timer = EpochTimer()
-    if arm == 'baseline':
-        m = get_model(a.arch, n_in=dls.n_channels, n_out=dls.c, stats=dls.stats, width=a.width)
-        learn = Learner(dls, m, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=timer)
-    else: learn = exit_learner(dls, a.arch, arm, cbs=timer, model_kwargs=dict(width=a.width),
-                               cb_kwargs=dict(beta=a.beta, gamma=a.gamma) if arm == 'corsd' else None)
-    t0 = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(a.epochs, a.lr)
-    test_dl = TensorDL(test, bs=256, device='cpu')
-    if arm == 'baseline': accs = dict(deepest=evaluate_accuracy(learn.model, test_dl, show=False))
-    else: accs = exit_accuracies(learn.model, test_dl)
-    valid_acc = evaluate_accuracy(learn.model, dls.valid, show=False)
-    res = dict(arm=arm, seed=seed, test=accs, valid_acc=valid_acc, sec_per_epoch=sum(timer.times)/len(timer.times),
-               train_seconds=time.time()-t0, final_train_loss=float(learn.recorder.values[-1][0]))
-    print(f"[{arm} seed {seed}] test {accs} valid {valid_acc:.4f} {res['sec_per_epoch']:.1f}s/epoch", flush=True)
+    from corsd_suite.corsd import MultiExitNet, exit_accuracies
+    c = ctx.config
+    train, valid, test = load_data(c['n_train'], c['n_valid'], c['n_test'])
+    dls = image_dls(train, valid, bs=c['bs'], augment=CropFlip(pad=4, flip=True), device=ctx.device)
+    learn = make_learner(c['arm'], dls, c['arch'], c['triplets'])
+    epochs = c['epochs'] * (3 if c['arm'] == 'baseline_compute_matched' else 1)
+    ctx.fit(learn, epochs, c['lr'], pct_start=0.3, div_final=2.5e5)
+    net = learn.model
+    plain = net.plain() if isinstance(net, MultiExitNet) else net
+    test_dl = TensorDL(test, bs=500, device=ctx.device)
+    tdl = learn.dls.train
+    res = dict(test_acc=evaluate_accuracy(plain, test_dl, show=False), valid_acc=evaluate_accuracy(plain, dls.valid, show=False),
+               epochs=epochs, images_per_epoch=len(tdl) * tdl.bs * (3 if c['arm'].startswith('corsd') else 1),
+               final_train_loss=float(learn.recorder.values[-1][0]) if learn.recorder.values else None)
+    if isinstance(net, MultiExitNet) and len(net.heads): res['exits_test'] = exit_accuracies(net, test_dl)
     return res
 
-def summarise(a, results, seconds):
-    from common import mean_std, md_table, write_result
-    arms = [r for r in a.arms.split(',') if r in results]
-    ms = {arm: mean_std([r['test']['deepest'] for r in results[arm]]) for arm in arms}
-    spe = {arm: float(sum(r['sec_per_epoch'] for r in results[arm])/len(results[arm])) for arm in arms}
-    summary = dict(seeds=len(a.seeds.split(',')), sec_per_epoch=spe, protocol='full' if a.full else 'quick',
-                   arch=a.arch, width=a.width, n_per_class=a.n_per_class, size=a.size, epochs=a.epochs, bs=a.bs, lr=a.lr)
-    for arm in arms: summary[f'{arm}_acc'], summary[f'{arm}_std'] = 100*ms[arm]['mean'], 100*ms[arm]['std']
-    rows = []
-    for arm in arms:
-        row = {'method': arm, 'deepest (test %)': f"{100*ms[arm]['mean']:.2f} ± {100*ms[arm]['std']:.2f}"}
-        for k in results[arm][0]['test']:
-            if k == 'deepest': continue
-            e = mean_std([r['test'][k] for r in results[arm]])
-            row[f'{k} (test %)'] = f"{100*e['mean']:.2f} ± {100*e['std']:.2f}"
-        row['valid %'] = f"{100*mean_std([r['valid_acc'] for r in results[arm]])['mean']:.2f}"
-        row['s/epoch'] = f"{spe[arm]:.1f}"
-        rows.append(row)
-    cols = ['method', 'deepest (test %)'] + sorted({k for r in rows for k in r if k.startswith('exit')}) + \
-           [c for c in ['ensemble (test %)', 'valid %', 's/epoch']]
-    seed_rows = [dict(method=r['arm'], seed=r['seed'], **{k: f"{100*v:.2f}" for k,v in r['test'].items()},
-                      **{'s/epoch': f"{r['sec_per_epoch']:.1f}"}) for arm in arms for r in results[arm]]
-    per_seed = md_table(seed_rows, ['method', 'seed', 'deepest'] + sorted({k for r in seed_rows for k in r if k.startswith('exit')}) + ['ensemble', 's/epoch'])
-    verdict = ''
-    if {'baseline','corsd'} <= set(arms):
-        gap = summary['corsd_acc'] - summary['baseline_acc']
-        verdict += f"\n\nCORSD − baseline (deepest exit, mean over seeds): **{gap:+.2f} points** (target ≥ +1.0: {'met' if gap >= 1 else 'NOT met'})."
-        summary['corsd_minus_baseline'] = gap
-    if {'byot','corsd'} <= set(arms):
-        gap = summary['corsd_acc'] - summary['byot_acc']
-        verdict += f"\nCORSD − BYOT: **{gap:+.2f} points** ({'CORSD ahead' if gap > 0 else 'CORSD NOT ahead'})."
-        summary['corsd_minus_byot'] = gap
-    proto = (f"Fashion-MNIST at {a.size}×{a.size}, 1 channel; {a.arch} (width {a.width}); class-balanced training subset of "
-             f"{a.n_per_class}/class ({10*a.n_per_class} images) plus a held-out validation split of {a.n_valid_per_class}/class taken from "
-             f"the training set (monitoring only); test = {'the full 10,000-image test split' if not a.n_test else f'{a.n_test} test images'}; "
-             f"fit_one_cycle({a.epochs} epochs, lr {a.lr}), Adam (fastai default), batch {a.bs}, random crop (pad 2) + flip; "
-             f"seeds {a.seeds} (init/order; same data subset); BYOT T=3, α=0.3, λ=0.03; CORSD adds β={a.beta} relational, γ={a.gamma} "
-             f"relation-classifier loss. Arms ran in parallel processes, one torch thread each, on a 2-core CPU shared "
-             f"with other jobs: seconds per epoch are comparable between arms, not absolute.")
-    if not a.full: proto += (" This is the QUICK protocol (the issue's ~10 min/run × 3 seeds × 3 arms does not fit this "
-                             "machine's budget); `--full` runs ResNet-20 at 28×28, 1000/class, 15 epochs, full test split.")
-    md = f"{proto}\n\n{md_table(rows, cols)}{verdict}\n\nPer seed (test accuracy %, every exit):\n\n{per_seed}"
-    return write_result(a.name, summary, dict(results=results, args=vars(a)), md, seconds)
+def plan(bench, a):
+    for seed in [int(s) for s in a.seeds.split(',')]:
+        for arm in a.arms.split(','):
+            bench.add(train_arm, run_id=f"{arm}-{a.arch}-n{a.n_train}-e{a.epochs}-s{seed}", arm=arm, arch=a.arch, seed=seed,
+                      epochs=a.epochs, n_train=a.n_train, n_valid=a.n_valid, n_test=a.n_test, bs=a.bs,
+                      triplets=a.triplets, lr=a.lr)
+
+def build_report(a):
+    "The `build(runs)` of `Benchmark.report`: the issue's summary keys and the markdown page"
+    def build(runs):
+        by = {}
+        for r in runs.values(): by.setdefault(r['settings']['arm'], []).append(r)
+        arms = [x for x in ARMS if x in by]
+        summary = dict(dataset='cifar10', arch=a.arch, n_train=a.n_train, epochs=a.epochs,
+                       seeds=sorted({r['settings']['seed'] for r in runs.values()}), n_valid=a.n_valid,
+                       n_test=a.n_test or 10_000, command=command_line())
+        rows, sec, loaded = [], {}, []
+        for arm in arms:
+            rs = sorted(by[arm], key=lambda r: r['settings']['seed'])
+            t, v = mean_std([r['result']['test_acc'] for r in rs]), mean_std([r['result']['valid_acc'] for r in rs])
+            summary[f'{arm}_acc'], summary[f'{arm}_acc_std'] = 100*t['mean'], 100*t['std']
+            summary[f'{arm}_valid_acc'] = 100*v['mean']
+            alone = [r['sec_per_epoch'] for r in rs if r['sec_per_epoch'] is not None and not r['overloaded']]
+            every = [r['sec_per_epoch'] for r in rs if r['sec_per_epoch'] is not None]
+            sec[arm] = float(np.mean(alone or every)) if every else None
+            if every and not alone: loaded.append(arm)
+            row = {'arm': ARMS[arm], 'test % (deployed)': fmt_ms(t), 'valid %': fmt_ms(v), 'seeds': len(rs),
+                   'epochs': rs[0]['result']['epochs'], 'images/epoch': rs[0]['result']['images_per_epoch'],
+                   's/epoch': '' if sec[arm] is None else f"{sec[arm]:.1f}" + (' (loaded machine)' if arm in loaded else '')}
+            if 'exits_test' in rs[0]['result']:
+                for k in rs[0]['result']['exits_test']:
+                    if k != 'deepest': row[f'{k} %'] = fmt_ms(mean_std([r['result']['exits_test'][k] for r in rs]))
+            rows.append(row)
+        summary['sec_per_epoch'] = sec
+        summary['sec_per_epoch_not_alone'] = loaded   # arms whose every run shared the machine: not comparable
+        lines = []
+        if {'corsd', 'baseline'} <= set(arms):
+            gap = summary['corsd_acc'] - summary['baseline_acc']; summary['corsd_minus_baseline'] = gap
+            lines.append(f"CORSD − baseline: **{gap:+.2f} points** (target ≥ +1.0: {'met' if gap >= 1 else 'NOT met'}).")
+        if {'corsd', 'byot'} <= set(arms):
+            gap = summary['corsd_acc'] - summary['byot_acc']; summary['corsd_minus_byot'] = gap
+            lines.append(f"CORSD − BYOT: **{gap:+.2f} points** (target > 0: {'met' if gap > 0 else 'NOT met'}).")
+        if {'corsd', 'baseline_compute_matched'} <= set(arms):
+            gap = summary['corsd_acc'] - summary['baseline_compute_matched_acc']; summary['corsd_minus_compute_matched'] = gap
+            lines.append(f"CORSD − compute-matched baseline: **{gap:+.2f} points** (reported without a target).")
+        cols = ['arm', 'test % (deployed)', 'valid %'] + sorted({k for r in rows for k in r if k.startswith('exit') or k.startswith('ensemble')}) + \
+               ['seeds', 'epochs', 'images/epoch', 's/epoch']
+        per_seed = md_table([{'run': rid, 'arm': r['settings']['arm'], 'seed': r['settings']['seed'],
+                              'test %': f"{100*r['result']['test_acc']:.2f}", 'valid %': f"{100*r['result']['valid_acc']:.2f}",
+                              's/epoch': '' if r['sec_per_epoch'] is None else f"{r['sec_per_epoch']:.1f}"}
+                             for rid, r in sorted(runs.items(), key=lambda kv: (kv[1]['settings']['arm'], kv[1]['settings']['seed']))])
+        proto = (f"CIFAR-10 (official binary files), {a.arch}; class-balanced training subset of {a.n_train} images, a validation "
+                 f"split of {a.n_valid} other training images, test = {'the full 10,000-image test split' if not a.n_test else f'{a.n_test} test images (NOT the full split)'}, "
+                 f"read once after the final epoch. SGD momentum 0.9, L2 weight decay 5e-4 on every parameter, fit_one_cycle"
+                 f"({a.epochs} epochs, lr {a.lr}, 30% warm-up, final lr/2.5e5), crop (pad 4) + flip; batches of {a.bs} images "
+                 f"(CORSD: {a.triplets} triplets = {3*a.triplets} images); the compute-matched baseline trains 3× the epochs. "
+                 f"Accuracy of the deployed (plain) network, mean ± std over seeds.")
+        md = f"{proto}\n\n{md_table(rows, cols)}\n\n" + '\n'.join(f"- {l}" for l in lines) + f"\n\nPer seed:\n\n{per_seed}"
+        return summary, md
+    return build
 
 def main(argv=None):
     a = get_args(argv)
-    os.environ.setdefault('CORSD_DATA', str(Path(__file__).resolve().parents[2]/'shared'/'data'))
-    t0 = time.time()
-    arms, seeds = a.arms.split(','), [int(s) for s in a.seeds.split(',')]
-    jobs = [(arm, a, seed) for seed in seeds for arm in arms]  # the arms of one seed run side by side
-    with mp.get_context('spawn').Pool(min(a.jobs, len(jobs))) as pool: outs = pool.starmap(run_arm, jobs)
-    results = {arm: [r for r in outs if r['arm'] == arm] for arm in arms}
-    return summarise(a, results, time.time() - t0)
+    bench = runner.Benchmark(a.out, a)
+    plan(bench, a)
+    bench.run()
+    if not getattr(a, 'list', False): return bench.report(build_report(a))
 
 if __name__ == '__main__': main()
