@@ -14,7 +14,7 @@ from corsd_suite.core import seed_everything
 from corsd_suite.data import load_dataset, image_dls
 from corsd_suite.models import zoo_learner
 from corsd_suite.evaluate import evaluate_accuracy
-from corsd_suite.admm import (lenet5_targets, admm_prune, magnitude_prune, compression_report, export_compressed,
+from corsd_suite.admm import (plain_state_dict, lenet5_targets, admm_prune, magnitude_prune, compression_report, export_compressed,
                               Target, LENET5_LAYERS, ADMM_LENET5_KEEP)
 
 p = argparse.ArgumentParser()
@@ -89,7 +89,7 @@ for s in scales:
     rep = compression_report(la.model, names=NAMES); r_acc = acc(la)
     admm_rows.append(summary_row(rep, r_acc, method='ADMM', scale=s, final_rho=admm.rho,
                                  residual_rel_fc1=round(admm.history[-1]['head.1/rel'], 4)))
-    admm_states.append(copy.deepcopy(la.model.state_dict())); admm_reps.append(rep)
+    admm_states.append(copy.deepcopy(plain_state_dict(la.model)))   # without the ADMM/pruning state modules; admm_reps.append(rep)
     log('ADMM', admm_rows[-1])
     with lm.no_bar(), lm.no_logging(): mhard = magnitude_prune(lm, tg, a.admm_epochs + a.retrain_epochs, lr=a.lr)
     assert mhard.check()

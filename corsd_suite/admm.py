@@ -12,15 +12,17 @@ import numpy as np, pandas as pd, torch
 from torch import nn
 from fastcore.all import *
 from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
 import fastai.callback.schedule  # Learner.fit_one_cycle, used by admm_prune
-from .core import StatefulCallback, check_finite, seed_everything, demo_row, unwrap
+from .core import check_finite, seed_everything, demo_row, unwrap, save_atomic, _plain
 
 # %% auto #0
 __all__ = ['KINDS', 'LENET5_LAYERS', 'ADMM_LENET5_KEEP', 'topk_mask', 'prune_mask', 'prune_unstructured', 'group_matrix',
            'group_mask', 'prune_structured', 'max_level', 'quantize_to', 'best_interval', 'quantize', 'Target',
-           'project', 'weight_layers', 'resolve_targets', 'ADMMCallback', 'HardPruneCallback', 'relative_index_entries',
-           'layer_storage', 'compression_report', 'apply_targets', 'export_compressed', 'load_compressed',
-           'lenet5_targets', 'admm_prune', 'magnitude_prune', 'admm_row']
+           'project', 'weight_layers', 'resolve_targets', 'ADMMState', 'ADMM', 'ADMMCallback', 'HardPruneState',
+           'HardPrune', 'HardPruneCallback', 'relative_index_entries', 'layer_storage', 'compression_report',
+           'apply_targets', 'plain_state_dict', 'export_compressed', 'load_compressed', 'lenet5_targets', 'admm_prune',
+           'magnitude_prune', 'admm_row']
 
 # %% ../nbs/40_admm.ipynb #bb0fec2f
 KINDS = ('unstructured', 'filter', 'channel', 'column')
@@ -161,123 +163,319 @@ def resolve_targets(model:nn.Module, targets:dict) -> dict:
         res[name] = (m, _as_target(t))
     return res
 
+# %% ../nbs/40_admm.ipynb #e03a1942
+def _key(name:str) -> str: return name.replace('.', '_')
+
+class _State(nn.Module):
+    "Buffers of a method's state, attached to the model it constrains (identity forward: harmless inside `nn.Sequential`)"
+    def forward(self, x): return x
+    def _buf(self, kind:str, name:str) -> torch.Tensor: return getattr(self, f'{kind}_{_key(name)}')
+    def _set(self, kind:str, name:str, v): self._buf(kind, name).copy_(v)
+
+def _check_names(names):
+    keys = [_key(n) for n in names]
+    if len(set(keys)) != len(keys): raise ValueError(f"layer names {list(names)} collide once '.' becomes '_'")
+
+def _attach(model:nn.Module, attr:str, state:_State) -> _State:
+    "Put `state` on the unwrapped `model` as `attr` (replacing another method run's state) and keep DDP from syncing it"
+    root = unwrap(model)
+    if getattr(root, attr, None) is not state:
+        old = root._modules.pop(attr, None)
+        for k, h in list(root._forward_pre_hooks.items()):   # the replaced state's hook goes with it
+            if old is not None and getattr(h, '__self__', None) is old: del root._forward_pre_hooks[k]
+        root.add_module(attr, state)
+        if hasattr(state, 'before_forward'): root.register_forward_pre_hook(state.before_forward)
+        own = [f'{attr}.{k}' for k, _ in state.named_buffers()]
+        keep = [n for n in getattr(root, '_ddp_params_and_buffers_to_ignore', []) if not n.startswith(attr + '.')]
+        root._ddp_params_and_buffers_to_ignore = keep + own   # every rank computes the same values: nothing to broadcast
+    return state
+
+class _ModelStateCallback(Callback):
+    "A callback whose state is a module put on the learner's model as soon as the callback joins the learner"
+    _attr = None
+    @property
+    def learn(self): return self.__dict__.get('_learn')
+    @learn.setter
+    def learn(self, learn):
+        self.__dict__['_learn'] = learn
+        if learn is not None and getattr(learn, 'model', None) is not None: self.attach(learn.model)
+    def attach(self, model:nn.Module):
+        "Build the state for `model` (once) and put it on `model`"
+        if getattr(self, 'state', None) is None: self.state = self.new_state(model)
+        return _attach(model, self._attr, self.state)
+
 # %% ../nbs/40_admm.ipynb #0d10dc2f
+def _check_rho(rho, rho_schedule):
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+        raise ValueError(f"rho must be a finite number > 0; got {rho!r}")
+    if rho_schedule is None or callable(rho_schedule): return
+    if not isinstance(rho_schedule, (tuple, list)) or len(rho_schedule) != 2:
+        raise ValueError(f"rho_schedule must be None, a function f(rho, n) -> rho, or a pair (factor, rho_max); got {rho_schedule!r}")
+    f, mx = rho_schedule
+    if not (isinstance(f, (int, float)) and math.isfinite(f) and f >= 1):
+        raise ValueError(f"rho_schedule factor must be a finite number >= 1 (rho never shrinks); got {f!r}")
+    if not (isinstance(mx, (int, float)) and math.isfinite(mx) and mx >= rho):
+        raise ValueError(f"rho_schedule rho_max must be a finite number >= rho={rho}; got {mx!r}")
+
 def _rho_step(schedule, rho:float, n:int) -> float:
     if schedule is None: return rho
-    if callable(schedule): return float(schedule(rho, n))
+    if callable(schedule):
+        new = float(schedule(rho, n))
+        if not math.isfinite(new) or new <= 0: raise ValueError(f"rho_schedule returned {new} at update {n}; rho must stay finite and > 0")
+        return new
     factor, rho_max = schedule
     return float(min(rho * factor, rho_max))
 
-class ADMMCallback(StatefulCallback):
-    "ADMM on `targets`: penalty ρ/2‖W−Z+U‖² in the loss, Z=Π(W+U) and U-steps every `every` `unit`s, growing ρ"
-    order = 60
-    _state, _lazy = ('Z', 'U', 'q', 'rho', 'n_updates', 'n_steps', 'history'), ('Z',)
-    def __init__(self, targets:dict, rho:float=1e-3, rho_schedule=(1.3, 1e-1), every:int=1, unit:str='epoch'):
-        if unit not in ('epoch', 'batch'): raise ValueError(f"unit must be 'epoch' or 'batch'; got {unit!r}")
-        if rho <= 0 or every < 1: raise ValueError(f"need rho > 0 and every >= 1; got rho={rho}, every={every}")
-        targets = {k: _as_target(t) for k, t in targets.items()}
-        store_attr('targets,rho,rho_schedule,every,unit')
-        self.Z = self.U = None; self.q, self.n_updates, self.n_steps, self.history = {}, 0, 0, []
+class ADMMState(_State):
+    "ADMM's state as buffers: Z, U and interval q per layer, ρ, the counters and the residual log"
+    growing_buffers = ('history',)   # one row per update: checkpoints check its width, not its length
+    def __init__(self, weights:dict, # {layer name: weight tensor} of the constrained layers
+                 rho:float):         # initial penalty ρ
+        super().__init__()
+        _check_names(weights); self.names = list(weights)
+        for n, w in weights.items():
+            self.register_buffer(f'Z_{_key(n)}', torch.zeros_like(w.detach()))
+            self.register_buffer(f'U_{_key(n)}', torch.zeros_like(w.detach()))
+            self.register_buffer(f'q_{_key(n)}', torch.tensor(math.nan, dtype=torch.float64))
+        self.register_buffer('rho', torch.tensor(float(rho), dtype=torch.float64))
+        for c in ('n_updates', 'n_steps', 'n_epochs'): self.register_buffer(c, torch.tensor(0))
+        self.register_buffer('ready', torch.tensor(False))
+        self.register_buffer('history', torch.zeros(0, 3 + 2*len(weights), dtype=torch.float64))
+    def columns(self) -> list: return ['update', 'step', 'rho'] + [c for n in self.names for c in (n, n + '/rel')]
+    def _load_from_state_dict(self, sd, prefix, *args, **kwargs):
+        h = sd.get(prefix + 'history')   # the log grows: take the saved length
+        if isinstance(h, torch.Tensor) and h.ndim == 2 and h.shape[1] == self.history.shape[1]:
+            self.history = torch.zeros_like(h, device=self.history.device)
+        super()._load_from_state_dict(sd, prefix, *args, **kwargs)
 
-    def before_fit(self):
-        self.layers = resolve_targets(self.learn.model, self.targets)
-        if self.Z is None:
-            with torch.no_grad():
-                self.Z, self.U = {}, {}
-                for n, (m, t) in self.layers.items():
-                    self.Z[n], self.q[n] = project(m.weight.detach().clone(), t)
-                    self.U[n] = torch.zeros_like(m.weight)
-        self.apply_pending_state()
+class ADMM:
+    "Plain-torch ADMM on the constrained layers of `model`: the penalty, the Z/U updates and the ρ schedule"
+    def __init__(self, model:nn.Module, # the model (its constrained layers are found by name)
+                 targets:dict,          # {layer name: Target}
+                 state:ADMMState,       # where Z, U, q, ρ and the counters live
+                 rho_schedule=None, every:int=1, unit:str='epoch'):
+        store_attr('state,rho_schedule,every,unit')
+        self.layers = resolve_targets(model, targets)
+        if list(self.layers) != state.names: raise ValueError(f"ADMM state is for layers {state.names}, targets name {list(self.layers)}")
+
+    @torch.no_grad()
+    def init(self):
+        "Z = Π(W), U = 0 (once: a loaded or running state is kept)"
+        if self.state.ready: return
+        for n, (m, t) in self.layers.items():
+            z, q = project(m.weight.detach().clone(), t)
+            self.state._set('Z', n, z); self.state._buf('U', n).zero_()
+            self.state._buf('q', n).fill_(math.nan if q is None else q)
+        self.state.ready.fill_(True)
+
+    @property
+    def rho(self) -> float: return float(self.state.rho)
 
     def penalty(self) -> torch.Tensor:
         "ρ/2 Σ‖W−Z+U‖² over the constrained layers"
-        return sum(self.rho / 2 * (m.weight.float() - self.Z[n].float() + self.U[n].float()).pow(2).sum()
+        s, rho = self.state, self.rho
+        return sum(rho / 2 * (m.weight.float() - s._buf('Z', n).float() + s._buf('U', n).float()).pow(2).sum()
                    for n, (m, t) in self.layers.items())
 
-    def after_loss(self):
-        if not self.training: return
-        pen = self.penalty()
-        self.learn.loss_grad = self.learn.loss_grad + pen
-        self.last_penalty = check_finite(pen.detach(), 'ADMM penalty')
-
     def after_step(self):
-        self.n_steps += 1
-        if self.unit == 'batch' and self.n_steps % self.every == 0: self.update()
+        "Count an optimizer step; update when `every` steps are done (`unit='batch'`)"
+        self.state.n_steps += 1
+        if self.unit == 'batch' and int(self.state.n_steps) % self.every == 0: self.update()
 
     def after_epoch(self):
-        if self.unit == 'epoch' and (self.epoch + 1) % self.every == 0: self.update()
+        "Count a trained epoch; update when `every` epochs are done (`unit='epoch'`)"
+        self.state.n_epochs += 1
+        if self.unit == 'epoch' and int(self.state.n_epochs) % self.every == 0: self.update()
 
     @torch.no_grad()
     def update(self):
-        "Z- and U-steps, residual log, then the ρ update"
-        rec = dict(update=self.n_updates, step=self.n_steps, rho=self.rho)
+        "Z- and U-steps, residual log, then the ρ update (all computed before any state changes)"
+        s, rho = self.state, self.rho
+        new, row = {}, [float(s.n_updates), float(s.n_steps), rho]
         for n, (m, t) in self.layers.items():
             W = m.weight.detach()
-            self.Z[n], self.q[n] = project(W + self.U[n], t)
-            self.U[n] += W - self.Z[n]
-            res = float((W - self.Z[n]).float().norm())
-            rec[n] = res; rec[n + '/rel'] = res / max(float(W.float().norm()), 1e-12)
-        self.history.append(rec)
-        self.n_updates += 1
-        new = _rho_step(self.rho_schedule, self.rho, self.n_updates)
-        if new != self.rho:
-            for n in self.U: self.U[n] *= self.rho / new
-            self.rho = new
+            z, q = project(W + s._buf('U', n), t)
+            u = s._buf('U', n) + (W - z)
+            res = float((W - z).float().norm())
+            new[n] = (z, u, q); row += [res, res / max(float(W.float().norm()), 1e-12)]
+        rho_new = _rho_step(self.rho_schedule, rho, int(s.n_updates) + 1)
+        for n, (z, u, q) in new.items():
+            s._set('Z', n, z); s._set('U', n, u * (rho / rho_new) if rho_new != rho else u)
+            s._buf('q', n).fill_(math.nan if q is None else q)
+        s.history = torch.cat([s.history, torch.tensor([row], dtype=torch.float64, device=s.history.device)])
+        s.n_updates += 1; s.rho.fill_(rho_new)
 
-    def residuals(self) -> pd.DataFrame:
-        "The logged primal residuals ‖W−Z‖ per layer, one row per ADMM update"
-        return pd.DataFrame(self.history)
-
-# %% ../nbs/40_admm.ipynb #8445f9d9
-class HardPruneCallback(StatefulCallback):
-    "Masked retraining: masks and quantization levels fixed from Π(W), imposed on grads and weights every step"
-    order = 65
-    _state, _lazy = ('masks', 'q', 'latent'), ('masks',)
-    def __init__(self, targets:dict):
+class ADMMCallback(_ModelStateCallback):
+    "ADMM on `targets`: penalty ρ/2‖W−Z+U‖² in the loss, Z=Π(W+U) and U-steps every `every` `unit`s, growing ρ"
+    order, run_valid, _attr = 60, False, 'admm'
+    def __init__(self, targets:dict, # {layer name: Target, pruning rate or dict of Target arguments}
+                 rho:float=1e-3, # initial penalty ρ (finite, > 0)
+                 rho_schedule=(1.3, 1e-1), # (factor >= 1, rho_max >= rho), f(rho, n_updates) -> rho, or None (fixed ρ)
+                 every:int=1, # ADMM update every `every` units
+                 unit:str='epoch'): # 'epoch' (epochs actually trained) or 'batch' (optimizer steps)
+        if unit not in ('epoch', 'batch'): raise ValueError(f"unit must be 'epoch' or 'batch'; got {unit!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1: raise ValueError(f"every must be an integer >= 1; got {every!r}")
+        _check_rho(rho, rho_schedule)
+        if not targets: raise ValueError("`targets` is empty: name at least one layer to constrain")
         self.targets = {k: _as_target(t) for k, t in targets.items()}
-        self.masks, self.q, self.latent = None, {}, {}
+        store_attr('rho_schedule,every,unit'); self.rho0, self.state = float(rho), None
+
+    def new_state(self, model) -> ADMMState:
+        return ADMMState({n: m.weight for n, (m, t) in resolve_targets(model, self.targets).items()}, self.rho0)
 
     def before_fit(self):
-        self.net = self.learn.model
-        self.layers = resolve_targets(self.net, self.targets)
-        if self.masks is None: self.fix()
-        self.apply_pending_state()
-        self.enforce()
+        self.attach(self.learn.model)
+        if self.unit == 'batch' and self.every > len(self.dls.train):
+            raise ValueError(f"every={self.every} batches is more than the {len(self.dls.train)} batches of an epoch; "
+                             f"use unit='epoch' or a smaller `every`")
+        self.engine = ADMM(self.learn.model, self.targets, self.state, self.rho_schedule, self.every, self.unit)
+        self.engine.init()
+        self._epoch_done = False
+
+    def after_loss(self):
+        pen = self.engine.penalty()
+        self.learn.loss_grad = self.learn.loss_grad + pen
+        self.last_penalty = check_finite(pen.detach(), 'ADMM penalty')
+    def after_step(self): self.engine.after_step()
+    def before_train(self): self._epoch_done = True
+    def after_cancel_train(self): self._epoch_done = False
+    def after_train(self):
+        "An epoch counts once its training phase ran to the end (epochs skipped by `start_epoch` never do)"
+        if self._epoch_done: self.engine.after_epoch()
+        self._epoch_done = False
+
+    @property
+    def rho(self) -> float: return float(self.state.rho)
+    @property
+    def n_updates(self) -> int: return int(self.state.n_updates)
+    @property
+    def n_steps(self) -> int: return int(self.state.n_steps)
+    @property
+    def n_epochs(self) -> int: return int(self.state.n_epochs)
+    @property
+    def Z(self) -> dict: return {n: self.state._buf('Z', n) for n in self.state.names}
+    @property
+    def U(self) -> dict: return {n: self.state._buf('U', n) for n in self.state.names}
+    @property
+    def q(self) -> dict: return {n: (None if math.isnan(v := float(self.state._buf('q', n))) else v) for n in self.state.names}
+    def residuals(self) -> pd.DataFrame:
+        "The logged primal residuals ‖W−Z‖ per layer, one row per ADMM update"
+        df = pd.DataFrame(self.state.history.cpu().numpy(), columns=self.state.columns())
+        return df.astype({'update': int, 'step': int})
+    @property
+    def history(self) -> list: return self.residuals().to_dict('records')
+
+# %% ../nbs/40_admm.ipynb #8445f9d9
+class HardPruneState(_State):
+    "Masked retraining's state as buffers: the mask of every layer and, for quantized layers, latent weights and interval q"
+    def __init__(self, weights:dict, # {layer name: weight tensor} of the constrained layers
+                 targets:dict):       # {layer name: Target}
+        super().__init__()
+        _check_names(weights); self.names, self.targets, self.dirty = list(weights), dict(targets), False
+        self.quantized = {n for n, t in targets.items() if t.bits is not None}
+        for n, w in weights.items():
+            self.register_buffer(f'mask_{_key(n)}', torch.ones_like(w.detach(), dtype=torch.bool))
+            self.register_buffer(f'q_{_key(n)}', torch.tensor(math.nan, dtype=torch.float64))
+            if n in self.quantized: self.register_buffer(f'latent_{_key(n)}', torch.zeros_like(w.detach()))
+        self.register_buffer('ready', torch.tensor(False))
+
+    def before_forward(self, root, args):
+        "Forward pre-hook on the model: weights an optimizer step left unmasked (a Ctrl-C before `after_step`) are put back first"
+        if self.dirty: HardPrune(root, self.targets, self).enforce()
+
+class HardPrune:
+    "Plain-torch masked retraining: fix masks (and levels) from Π(W), mask gradients, put weights back on them"
+    def __init__(self, model:nn.Module, # the model (its constrained layers are found by name)
+                 targets:dict,          # {layer name: Target}
+                 state:HardPruneState): # where masks, latent weights and intervals live
+        self.state, self.layers = state, resolve_targets(model, targets)
+        if list(self.layers) != state.names: raise ValueError(f"pruning state is for layers {state.names}, targets name {list(self.layers)}")
 
     @torch.no_grad()
     def fix(self):
-        "Fix masks and intervals from the projection of the current weights"
-        self.masks = {}
+        "Fix masks and intervals from the projection of the current weights (once: a loaded state is kept)"
+        s = self.state
+        if s.ready: return
         for n, (m, t) in self.layers.items():
-            self.masks[n] = t.mask(m.weight)
+            s._set('mask', n, t.mask(m.weight))
             if t.bits is not None:
-                self.latent[n] = m.weight.detach() * self.masks[n]
-                self.q[n] = best_interval(self.latent[n], t.bits)
+                s._set('latent', n, m.weight.detach() * s._buf('mask', n))
+                s._buf('q', n).fill_(best_interval(s._buf('latent', n), t.bits))
+        s.ready.fill_(True)
 
-    def before_step(self):
+    def mask_grads(self):
+        "Zero the gradients of pruned weights (before the optimizer step, so momentum never sees them)"
+        self.state.dirty = True   # until `enforce`: the step may move weights off their masks
         for n, (m, t) in self.layers.items():
-            if m.weight.grad is not None: m.weight.grad.mul_(self.masks[n])
-
-    def after_step(self): self.enforce(stepped=True)
+            if m.weight.grad is not None: m.weight.grad.mul_(self.state._buf('mask', n))
 
     @torch.no_grad()
-    def enforce(self, stepped:bool=False):
-        "Put every constrained weight back on its mask (and levels)"
+    def enforce(self):
+        "Put every constrained weight back on its mask (and levels); what the optimizer moved moves the latent weights"
+        s = self.state
+        if not s.ready: return
+        s.dirty = False
         for n, (m, t) in self.layers.items():
-            mask = self.masks[n]
-            if t.bits is None: m.weight.mul_(mask); continue
-            if stepped: self.latent[n] += m.weight - quantize_to(self.latent[n], self.q[n], t.bits) * mask
-            self.latent[n].mul_(mask)
-            m.weight.copy_(quantize_to(self.latent[n], self.q[n], t.bits) * mask)
+            mask = s._buf('mask', n)
+            if t.bits is None: m.weight.mul_(mask)
+            else:
+                q, lat = float(s._buf('q', n)), s._buf('latent', n)
+                lat += m.weight - quantize_to(lat, q, t.bits) * mask
+                lat.mul_(mask)
+                m.weight.copy_(quantize_to(lat, q, t.bits) * mask)
 
-    def check(self, model=None) -> bool:
-        "True when every constrained layer of `model` (default: the last one trained) satisfies its mask and levels"
-        layers = resolve_targets(model or self.net, self.targets)
-        for n, (m, t) in layers.items():
-            w = m.weight.detach()
-            if (w[~self.masks[n]] != 0).any(): return False
-            if t.bits is not None and not torch.equal(w, quantize_to(w, self.q[n], t.bits) * self.masks[n]): return False
+    def check(self) -> bool:
+        "True when every constrained layer satisfies its mask and levels"
+        s = self.state
+        for n, (m, t) in self.layers.items():
+            w, mask = m.weight.detach(), s._buf('mask', n)
+            if (w[~mask] != 0).any(): return False
+            if t.bits is not None and not torch.equal(w, quantize_to(w, float(s._buf('q', n)), t.bits) * mask): return False
         return True
+
+class HardPruneCallback(_ModelStateCallback):
+    "Masked retraining: masks and quantization levels fixed from Π(W), imposed on grads and weights every step"
+    order, run_valid, _attr = 65, False, 'hard_prune'
+    run_after = MixedPrecision   # grads are masked once unscaled
+    def __init__(self, targets:dict): # {layer name: Target, pruning rate or dict of Target arguments}
+        if not targets: raise ValueError("`targets` is empty: name at least one layer to constrain")
+        self.targets, self.state, self.engine = {k: _as_target(t) for k, t in targets.items()}, None, None
+
+    def new_state(self, model) -> HardPruneState:
+        layers = resolve_targets(model, self.targets)
+        return HardPruneState({n: m.weight for n, (m, t) in layers.items()}, {n: t for n, (m, t) in layers.items()})
+
+    def engine_for(self, model) -> HardPrune:
+        self.attach(model)
+        self.engine = HardPrune(model, self.targets, self.state)
+        return self.engine
+
+    def before_fit(self):
+        self.engine_for(self.learn.model).fix()
+        self.engine.enforce()
+    def before_step(self): self.engine.mask_grads()
+    def after_step(self): self.engine.enforce()
+    # whatever stopped training (an exception of fastai's or of a callback), the weights end on their masks
+    def after_cancel_step(self): self.engine.enforce()
+    def after_cancel_batch(self): self.engine.enforce()
+    def after_cancel_train(self): self.engine.enforce()
+    def after_cancel_epoch(self): self.engine.enforce()
+    def after_cancel_fit(self): self.engine.enforce()
+    def before_validate(self): self.engine.enforce()
+    def after_fit(self): self.engine.enforce()
+
+    @property
+    def masks(self) -> dict: return {n: self.state._buf('mask', n) for n in self.state.names}
+    @property
+    def q(self) -> dict: return {n: (None if math.isnan(v := float(self.state._buf('q', n))) else v) for n in self.state.names}
+    @property
+    def latent(self) -> dict: return {n: self.state._buf('latent', n) for n in self.state.quantized}
+    def check(self, model=None) -> bool:
+        "True when every constrained layer of `model` (default: the learner's, or the last one trained) satisfies its mask and levels"
+        if model is None and self.learn is not None: model = self.learn.model
+        if model is not None: return HardPrune(model, self.targets, self.state).check()
+        if getattr(self, 'engine', None) is None: raise ValueError("this HardPruneCallback has not trained a model yet: pass `model`")
+        return self.engine.check()
 
 # %% ../nbs/40_admm.ipynb #a10fa550
 def relative_index_entries(mask:torch.Tensor, p:int) -> int:
@@ -352,18 +550,33 @@ def apply_targets(model:nn.Module, targets:dict) -> nn.Module:
     for n, (m, t) in resolve_targets(model, targets).items(): m.weight.copy_(project(m.weight.detach(), t)[0])
     return model
 
-def export_compressed(model:nn.Module, fname, targets:dict|None=None, input_shape=(1, 28, 28)) -> Path:
+def plain_state_dict(model:nn.Module) -> dict:
+    "The state dict of `model` without the ADMM and pruning state modules (loads into the plain architecture)"
+    m = unwrap(model)
+    skip = tuple(f'{n}.' for n, o in m.named_modules() if isinstance(o, _State))
+    return {k: v for k, v in m.state_dict().items() if not k.startswith(skip)}
+
+def export_compressed(model:nn.Module, # the trained model
+                      fname, # file to write (atomically)
+                      targets:dict|None=None, # project the weights onto these first (a model trained without hard pruning)
+                      input_shape=(1, 28, 28)) -> Path: # one input's shape, for the report's MACs
     "Save the (projected) weights of `model` as a plain state dict with its compression report"
     m = unwrap(model)
     if targets: apply_targets(m, targets)
-    fname = Path(fname); fname.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in m.state_dict().items()}
-    torch.save(dict(state_dict=sd, report=compression_report(m, input_shape).to_dict('records')), fname)
-    return fname
+    sd = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in plain_state_dict(m).items()}
+    rep = _plain(compression_report(m, input_shape).to_dict("records"), "compression report")   # numbers, not numpy objects
+    return save_atomic(dict(state_dict=sd, report=rep), fname)
 
-def load_compressed(model:nn.Module, fname) -> nn.Module:
-    "Load an `export_compressed` file into the plain architecture `model`"
-    d = torch.load(fname, map_location='cpu', weights_only=False)
+def load_compressed(model:nn.Module, # the plain architecture
+                    fname) -> nn.Module: # a file written by `export_compressed`
+    "Load an `export_compressed` file into the plain architecture `model` (the file is read weights-only: it runs no code)"
+    fname = Path(fname)
+    if not fname.is_file(): raise FileNotFoundError(f"compressed model {fname} does not exist")
+    try: d = torch.load(fname, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read compressed model {fname}: truncated, corrupt, or holding objects other than tensors "
+                         f"and plain data ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(d, dict) or 'state_dict' not in d: raise ValueError(f"{fname} was not written by `export_compressed`")
     unwrap(model).load_state_dict(d['state_dict'])
     return model
 
@@ -382,19 +595,45 @@ def lenet5_targets(keep:dict|None=None, scale:float=1., bits:int|dict|None=None,
         if rate is not None or b is not None: res[n] = Target(rate=rate, kind=k, bits=b)
     return res
 
-def admm_prune(learn, targets:dict, admm_epochs:int=2, retrain_epochs:int=1, lr:float=2e-3, rho:float=1e-3,
-               rho_schedule=(1.3, 1e-1), every:int=1, unit:str='epoch'):
+def _swap_cb(learn, cb):
+    "Register `cb` on `learn`, taking off the learner's earlier ADMM and pruning callbacks (their state stays on the model)"
+    learn.remove_cbs([c for c in learn.cbs if isinstance(c, (ADMMCallback, HardPruneCallback))])
+    learn.add_cb(cb)
+    return cb
+
+def _fit_stage(learn, epochs:int, lr:float, hard:HardPruneCallback):
+    "Fit with `hard` registered; whatever stops it (Ctrl-C included), the weights end on their masks"
+    try: learn.fit_one_cycle(epochs, lr) if epochs else learn.fit(0)
+    finally:
+        if hard.state is not None: hard.engine_for(learn.model).enforce()
+
+def admm_prune(learn, # the learner to prune (its callbacks are registered on it)
+               targets:dict, # {layer name: Target, pruning rate or dict of Target arguments}
+               admm_epochs:int=2, # epochs of ADMM (one-cycle schedule)
+               retrain_epochs:int=1, # epochs of masked retraining (one-cycle schedule)
+               lr:float=2e-3, # maximum learning rate of both phases
+               rho:float=1e-3, # initial penalty ρ
+               rho_schedule=(1.3, 1e-1), # see `ADMMCallback`
+               every:int=1, # ADMM update every `every` `unit`s
+               unit:str='epoch'): # 'epoch' or 'batch'
     "ADMM (`admm_epochs`), hard pruning, masked retraining (`retrain_epochs`); returns (ADMMCallback, HardPruneCallback)"
     admm = ADMMCallback(targets, rho=rho, rho_schedule=rho_schedule, every=every, unit=unit)
-    if admm_epochs: learn.fit_one_cycle(admm_epochs, lr, cbs=admm)
     hard = HardPruneCallback(targets)
-    learn.fit_one_cycle(retrain_epochs, lr, cbs=hard) if retrain_epochs else learn.fit(0, cbs=hard)
+    if admm_epochs:
+        _swap_cb(learn, admm)
+        try: learn.fit_one_cycle(admm_epochs, lr)
+        finally: learn.remove_cb(admm)   # its state stays on the model (saved by `learn.save`)
+    _swap_cb(learn, hard)                # stays registered: further training keeps the masks
+    _fit_stage(learn, retrain_epochs, lr, hard)
     return admm, hard
 
-def magnitude_prune(learn, targets:dict, epochs:int=1, lr:float=2e-3) -> HardPruneCallback:
+def magnitude_prune(learn, # the learner to prune (the callback is registered on it)
+                    targets:dict, # {layer name: Target, pruning rate or dict of Target arguments}
+                    epochs:int=1, # epochs of masked retraining (one-cycle schedule)
+                    lr:float=2e-3) -> HardPruneCallback: # maximum learning rate
     "Magnitude pruning to `targets`, then masked retraining for `epochs` (one stage of iterative pruning)"
-    hard = HardPruneCallback(targets)
-    learn.fit_one_cycle(epochs, lr, cbs=hard) if epochs else learn.fit(0, cbs=hard)
+    hard = _swap_cb(learn, HardPruneCallback(targets))
+    _fit_stage(learn, epochs, lr, hard)
     return hard
 
 # %% ../nbs/40_admm.ipynb #4712ceea

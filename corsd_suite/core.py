@@ -1,4 +1,4 @@
-"""Seeding, device helpers, hooks on a model's stages, and the demo registry every method builds on.
+"""Seeding, device helpers, hooks on a model's stages, safe checkpoints, and the demo registry every method builds on.
 
 Docs: https://corsd-suite.github.io/corsd_suite/core.html.md"""
 
@@ -14,8 +14,9 @@ from pathlib import Path
 from fastai.callback.hook import hook_outputs
 
 # %% auto #0
-__all__ = ['DEMO_ROWS', 'BENCHMARK_URL', 'seed_everything', 'best_device', 'model_device', 'unwrap', 'get_stages', 'StageHooks',
-           'stage_features', 'StatefulCallback', 'check_finite', 'check_images', 'grad_scale', 'demo_row',
+__all__ = ['CHECKPOINT_FORMAT', 'DEMO_ROWS', 'BENCHMARK_URL', 'seed_everything', 'best_device', 'model_device', 'unwrap',
+           'get_stages', 'StageHooks', 'stage_features', 'save_atomic', 'rng_state', 'set_rng_state', 'save_checkpoint',
+           'CheckpointError', 'load_checkpoint', 'check_finite', 'check_images', 'grad_scale', 'demo_row',
            'benchmark_markdown', 'show_benchmark']
 
 # %% ../nbs/00_core.ipynb #28e38d76
@@ -42,15 +43,17 @@ def model_device(m:nn.Module) -> torch.device:
 
 # %% ../nbs/00_core.ipynb #2f6c8f08
 import torch.distributed as dist
-from fastai.distributed import DistributedDL
+try: from fastai.distributed import DistributedDL   # fails without `accelerate` (the `distributed` extra) ...
+except (ImportError, NameError): DistributedDL = None   # ... and then there is no distributed training to fix
 
-@patch
-def _broadcast(self:DistributedDL, t, rank):
+def _broadcast(self, t, rank):
     "Broadcast list `t` from `rank` on the device the process group's backend needs"
     dev = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
     t = torch.tensor(t, dtype=torch.long, device=dev)
     dist.broadcast(t, rank)
     return t.cpu().tolist()
+
+if DistributedDL is not None: DistributedDL._broadcast = _broadcast
 
 # %% ../nbs/00_core.ipynb #b28827bb
 def unwrap(m:nn.Module, found:type|str|None=None) -> nn.Module:
@@ -85,60 +88,176 @@ def stage_features(m:nn.Module, x:torch.Tensor):
         out = m(x)
         return out, list(h.stored)
 
-# %% ../nbs/00_core.ipynb #9ac50084
+# %% ../nbs/00_core.ipynb #95fd081e
+import json, tempfile
 from fastai.learner import Learner, Callback
-from fastai.torch_core import rank_distrib
+from fastai.torch_core import rank_distrib, get_model
 
-def _get_state(o):
-    return o.state_dict() if hasattr(o, 'state_dict') else o
+CHECKPOINT_FORMAT = 'corsd_suite.checkpoint/1'
 
-class StatefulCallback(Callback):
-    "A `Callback` whose attributes named in `_state` are saved and loaded with `learn.save`/`learn.load`"
-    _state, _lazy = (), ()  # attributes saved; those of them built lazily (None until built)
-    def state_dict(self) -> dict:
-        "The saved attributes; state loaded but not yet applied (modules still unbuilt) is reported as it was loaded"
-        p = getattr(self, '_pending', None)
-        if p is not None and not self.state_ready(): return p
-        return {k: _get_state(getattr(self, k, None)) for k in self._state}
-    def load_state_dict(self, sd:dict):
-        missing = [k for k in self._state if k not in sd]
-        if missing: raise KeyError(f"{type(self).__name__}: saved state lacks {missing}")
-        if not self.state_ready(): self._pending = sd; return
-        for k in self._state:
-            cur = getattr(self, k, None)
-            if hasattr(cur, 'load_state_dict'): cur.load_state_dict(sd[k])
-            else: setattr(self, k, sd[k])
-        self._pending = None
-    def state_ready(self) -> bool:
-        "True once every lazily built attribute exists"
-        return all(getattr(self, k, None) is not None for k in self._lazy)
-    def apply_pending_state(self):
-        "Load state that arrived before the callback had built its modules"
-        if getattr(self, '_pending', None) is not None: self.load_state_dict(self._pending)
+def _plain(o, where:str='checkpoint'):
+    "`o` rebuilt from the types `torch.load(weights_only=True)` accepts: tensors, numbers, strings, lists, tuples, dicts"
+    if isinstance(o, torch.Tensor): return o.detach().cpu().clone()
+    if isinstance(o, np.ndarray): return torch.from_numpy(o.copy())
+    if isinstance(o, np.generic): return o.item()
+    if o is None or isinstance(o, (bool, int, float, str)): return o
+    if isinstance(o, dict): return {k: _plain(v, f"{where}[{k!r}]") for k, v in o.items()}
+    if isinstance(o, tuple): return tuple(_plain(v, f"{where}[{i}]") for i, v in enumerate(o))
+    if isinstance(o, (list, L)): return [_plain(v, f"{where}[{i}]") for i, v in enumerate(o)]
+    raise TypeError(f"{where} holds a {type(o).__name__}, which a checkpoint cannot store (only tensors, numbers, strings, lists and dicts)")
 
-# %% ../nbs/00_core.ipynb #dcf7f3e6
-def _cbs_file(file): return Path(str(file)).with_suffix('.cbs.pth')
-
-_fa_save, _fa_load = Learner.save, Learner.load
-
-@patch
-def save(self:Learner, file, **kwargs):
-    "Save model and optimizer (fastai), plus the state of every `StatefulCallback` to `file.cbs.pth`"
-    file = _fa_save(self, file, **kwargs)
-    cbs = {type(cb).__name__: cb.state_dict() for cb in self.cbs if isinstance(cb, StatefulCallback)}
-    if cbs and not rank_distrib(): torch.save(cbs, _cbs_file(file))
+def save_atomic(obj, file) -> Path:
+    "`torch.save` `obj` to `file` through a temporary file in the same folder, renamed into place when complete"
+    file = Path(file); file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f'.{file.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp): os.remove(tmp)
+        raise
     return file
 
-@patch
-def load(self:Learner, file, device=None, **kwargs):
-    "Load model and optimizer (fastai), plus the state of this learner's `StatefulCallback`s if it was saved"
-    res = _fa_load(self, file, device=device, **kwargs)
-    f = _cbs_file(join_path_file(file, self.path/self.model_dir, ext='.pth'))
-    if f.exists():
-        sd = torch.load(f, map_location=device or getattr(self.dls, 'device', 'cpu'), weights_only=False)
-        for cb in self.cbs:
-            if isinstance(cb, StatefulCallback) and type(cb).__name__ in sd: cb.load_state_dict(sd[type(cb).__name__])
-    return res
+# %% ../nbs/00_core.ipynb #f9f30aba
+def _pystate(s):
+    "A Python `random` state with its tuples back (in case they were read as lists)"
+    return tuple(tuple(o) if isinstance(o, list) else o for o in s)
+
+def rng_state() -> dict:
+    "The state of every random number generator: Python, NumPy, torch on the CPU, and CUDA when present"
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = dict(python=random.getstate(), torch=torch.get_rng_state(),
+              numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss), gauss=float(gauss)))
+    if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
+    return st
+
+def set_rng_state(st:dict):
+    "Restore generators from `rng_state()` (CUDA only where this machine has as many devices as the saved state)"
+    random.setstate(_pystate(st['python']))
+    n = st['numpy']
+    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    torch.set_rng_state(st['torch'])
+    if 'cuda' in st and torch.cuda.is_available() and len(st['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st['cuda'])
+
+# %% ../nbs/00_core.ipynb #025cf433
+def _loaders(learn) -> list: return list(getattr(learn.dls, 'loaders', []))
+
+def _dl_rng(dl):
+    "Shuffle state of a fastai `DataLoader` (None for a loader without one)"
+    r = getattr(dl, 'rng', None)
+    return r.getstate() if isinstance(r, random.Random) else None
+
+def save_checkpoint(learn:Learner, # the learner to save
+                    file:str|Path, # full path of the checkpoint (not fastai's `models/` folder)
+                    with_opt:bool=True, # also save the optimiser state
+                    extra:dict|None=None, # JSON-able data saved alongside, returned by `load_checkpoint` (e.g. `{'epoch': 3}`)
+                   ) -> Path:
+    "Atomically save model, optimiser, RNG and DataLoader shuffle states, and `extra` to `file` (read back with `weights_only=True`)"
+    try: extra_json = json.dumps(extra or {})
+    except (TypeError, ValueError) as e: raise TypeError(f"`extra` must be JSON-able (numbers, strings, lists, dicts): {e}") from None
+    file = Path(file)
+    if rank_distrib(): return file   # only the main process writes
+    opt = learn.opt.state_dict() if with_opt and learn.opt is not None else None
+    ck = dict(format=CHECKPOINT_FORMAT, model=_plain(dict(get_model(learn.model).state_dict()), 'model state'),
+              opt=_plain(opt, 'optimiser state'), rng=_plain(rng_state(), 'RNG state'),
+              dls=[_plain(_dl_rng(dl), 'DataLoader state') for dl in _loaders(learn)], extra=extra_json)
+    return save_atomic(ck, file)
+
+# %% ../nbs/00_core.ipynb #0009b262
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be used: missing, unreadable, incomplete, or not matching the learner"
+
+def _read_checkpoint(file:Path, device) -> dict:
+    if not file.is_file(): raise CheckpointError(f"checkpoint {file} does not exist")
+    try: ck = torch.load(file, map_location=device or 'cpu', weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {file}: it is truncated, corrupt, or holds objects other than tensors "
+                              f"and plain data (only weights-only files are read): {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(ck, dict) or ck.get('format') != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{file} is not a corsd_suite checkpoint (written by `save_checkpoint`, format {CHECKPOINT_FORMAT})")
+    missing = [k for k in ('model', 'opt', 'rng', 'dls', 'extra') if k not in ck]
+    if missing: raise CheckpointError(f"checkpoint {file} is incomplete: it lacks {missing}")
+    return ck
+
+def _growing(model:nn.Module) -> set:
+    "Keys of buffers whose first dimension grows (a log): modules list them in `growing_buffers`"
+    return {f'{n}.{b}' if n else b for n, m in model.named_modules() for b in getattr(m, 'growing_buffers', ())}
+
+def _same_shape(k, a, b, growing) -> bool:
+    if not isinstance(a, torch.Tensor): return False
+    return a.shape[1:] == b.shape[1:] and a.ndim == b.ndim if k in growing else a.shape == b.shape
+
+def _check_model(file, model:nn.Module, saved:dict):
+    "Raise unless the saved model state has exactly the keys and shapes of `model`"
+    cur, growing = model.state_dict(), _growing(model)
+    miss, unexp = [k for k in cur if k not in saved], [k for k in saved if k not in cur]
+    bad = [f"{k}: saved {tuple(getattr(saved[k], 'shape', ()))}, model {tuple(cur[k].shape)}" for k in cur
+           if k in saved and not _same_shape(k, saved[k], cur[k], growing)]
+    if miss or unexp or bad:
+        raise CheckpointError(f"checkpoint {file} does not match the learner's model: missing keys {miss[:8]}, "
+                              f"unexpected keys {unexp[:8]}, shape mismatches {bad[:8]}")
+
+def _check_opt(file, opt, sd):
+    "Raise unless the saved optimiser state has the learner's parameter groups (sizes and state shapes)"
+    if sd is None: raise CheckpointError(f"checkpoint {file} holds no optimiser state; load it with `with_opt=False`")
+    if hasattr(opt, 'param_lists'):   # fastai Optimizer
+        sizes, ps = [len(pg) for pg in opt.param_lists], [p for pg in opt.param_lists for p in pg]
+        if len(sd.get('hypers', [])) != len(sizes) or len(sd.get('state', [])) != len(ps):
+            raise CheckpointError(f"checkpoint {file}: optimiser has {len(sd.get('hypers', []))} groups and "
+                                  f"{len(sd.get('state', []))} parameters, the learner's has {len(sizes)} groups and {len(ps)}")
+        for i, (p, s) in enumerate(zip(ps, sd['state'])):
+            for k, v in s.items():
+                if isinstance(v, torch.Tensor) and v.numel() > 1 and v.shape != p.shape:
+                    raise CheckpointError(f"checkpoint {file}: optimiser state {k!r} of parameter {i} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}")
+    else:                             # OptimWrapper around a torch optimiser
+        want = [len(g['params']) for g in opt.param_groups]
+        got = [len(g.get('params', [])) for g in sd.get('param_groups', [])]
+        if want != got: raise CheckpointError(f"checkpoint {file}: optimiser groups hold {got} parameters, the learner's {want}")
+
+def _check_rest(file, ck, learn):
+    dls = _loaders(learn)
+    if len(ck['dls']) != len(dls):
+        raise CheckpointError(f"checkpoint {file} has the shuffle state of {len(ck['dls'])} DataLoaders, the learner has {len(dls)}")
+    r = ck['rng']
+    try:
+        random.Random().setstate(_pystate(r['python'])); n = r['numpy']
+        np.random.RandomState().set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+        for s in ck['dls']:
+            if s is not None: random.Random().setstate(_pystate(s))
+        assert isinstance(r['torch'], torch.Tensor) and r['torch'].dtype == torch.uint8
+    except Exception as e: raise CheckpointError(f"checkpoint {file} has an invalid RNG or shuffle state ({type(e).__name__}: {e})") from None
+    try: return json.loads(ck['extra'])
+    except (TypeError, ValueError) as e: raise CheckpointError(f"checkpoint {file}: unreadable `extra` ({e})") from None
+
+def _restore_opt(learn, sd):
+    opt = learn.opt
+    if not hasattr(opt, 'param_lists'): opt.load_state_dict(sd); return
+    opt.load_state_dict(dict(state=sd['state'], hypers=L(sd['hypers'])))
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor): s[k] = v.to(p.device)
+
+def load_checkpoint(learn:Learner, # the learner to restore (built like the saved one)
+                    file:str|Path, # a file written by `save_checkpoint`
+                    with_opt:bool=True, # also restore the optimiser state
+                    device=None, # where the file's tensors are read to (default CPU; each ends up on its parameter's device)
+                   ) -> dict:
+    "Check `file` fully against `learn`, then restore model, optimiser, RNG and DataLoader states; returns `extra`"
+    file = Path(file)
+    ck = _read_checkpoint(file, device)
+    _check_model(file, get_model(learn.model), ck['model'])
+    if with_opt:
+        if learn.opt is None: learn.create_opt()
+        _check_opt(file, learn.opt, ck['opt'])
+    extra = _check_rest(file, ck, learn)
+    get_model(learn.model).load_state_dict(ck['model'])
+    if with_opt: _restore_opt(learn, ck['opt'])
+    set_rng_state(ck['rng'])
+    for dl, s in zip(_loaders(learn), ck['dls']):
+        if s is not None and isinstance(getattr(dl, 'rng', None), random.Random): dl.rng.setstate(_pystate(s))
+    return extra
 
 # %% ../nbs/00_core.ipynb #f3aac92f
 def check_finite(t:torch.Tensor, what:str='loss'):

@@ -1,10 +1,10 @@
-"Shared test helpers: run a Learner under 2-process DDP on CPU (gloo), and round-trip learn.save/learn.load."
+"Shared test helpers: run a Learner under 2-process DDP on CPU (gloo), and round-trip learn.save/learn.load and checkpoints."
 import os, socket, tempfile, traceback
 from pathlib import Path
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 import fastai.distributed  # Learner.to_distributed
 import corsd_suite.core  # DistributedDL broadcasts on CPU under gloo
-from corsd_suite.core import StatefulCallback
+from corsd_suite.core import save_checkpoint, load_checkpoint
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -44,31 +44,27 @@ def params_digest(model) -> float:
     "A number that changes when any parameter changes (to compare models across ranks)"
     return float(sum(p.detach().double().sum() * (i+1) for i,p in enumerate(model.parameters())))
 
+def assert_same_state(a, b, what:str='model'):
+    "The state dicts of modules `a` and `b` have the same keys and bit-identical tensors (NaN equal to NaN)"
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), f"{what}: keys differ {set(sa) ^ set(sb)}"
+    for k in sa: torch.testing.assert_close(sa[k].cpu(), sb[k].cpu(), rtol=0, atol=0, equal_nan=True, msg=f"{what} tensor {k} differs")
+
 def roundtrip_save_load(learn, make_learner, tmp_path, name:str='roundtrip'):
-    """`learn.save` (with its callbacks' state), build a fresh Learner with `make_learner()`, `load` into it, and
-    return it. Asserts the model's state dict and every `StatefulCallback`'s state came back equal."""
+    """fastai's `learn.save`, a fresh Learner from `make_learner()`, fastai's `load` into it; returns it. Method state
+    lives in modules on the model, so asserting the model's state dict came back equal covers it."""
     learn.path = Path(tmp_path); learn.model_dir = 'models'
     learn.save(name, with_opt=True)
     new = make_learner()
     new.path = Path(tmp_path); new.model_dir = 'models'
     new.load(name, with_opt=True)
-    sa, sb = learn.model.state_dict(), new.model.state_dict()
-    assert sa.keys() == sb.keys(), set(sa) ^ set(sb)
-    for k in sa: assert torch.equal(sa[k].cpu(), sb[k].cpu()), f"model tensor {k} differs after load"
-    for cb in learn.cbs:
-        if isinstance(cb, StatefulCallback):
-            other = [c for c in new.cbs if type(c) is type(cb)]
-            assert other, f"the new learner lacks a {type(cb).__name__}"
-            _assert_same(cb.state_dict(), other[0].state_dict(), type(cb).__name__)
+    assert_same_state(learn.model, new.model)
     return new
 
-def _assert_same(a, b, where):
-    "Recursively compare two states (dicts, lists, tensors, numbers)"
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys differ {set(a) ^ set(b)}"
-        for k in a: _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: lengths differ"
-        for i,(x,y) in enumerate(zip(a,b)): _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor): assert torch.equal(a.cpu(), b.cpu()), f"{where} differs after load"
-    else: assert a == b, f"{where}: {a!r} != {b!r}"
+def roundtrip_checkpoint(learn, make_learner, tmp_path, name:str='roundtrip.ckpt', extra=None):
+    "`save_checkpoint`, a fresh Learner from `make_learner()`, `load_checkpoint` into it; returns (new learner, extra)"
+    f = save_checkpoint(learn, Path(tmp_path)/name, extra=extra)
+    new = make_learner()
+    got = load_checkpoint(new, f)
+    assert_same_state(learn.model, new.model)
+    return new, got
