@@ -16,7 +16,9 @@ from corsd_suite.data import domain_pair, image_dls, TensorDL
 from corsd_suite.evaluate import evaluate_accuracy, pbar
 from corsd_suite.models import count_params
 from corsd_suite.models import dtn
-from corsd_suite.calibrator import Calibrator, calibrator_learner, adabn, dann_adapt, CalibratorCallback
+from corsd_suite.calibration import Calibrator
+from corsd_suite.calibrator import calibrator_learner, CalibratorCallback
+from corsd_suite.baselines import adabn, dann_adapt
 
 p = argparse.ArgumentParser()
 p.add_argument('--full', action='store_true')
@@ -75,7 +77,7 @@ for seed in pbar(range(SEEDS), 'seeds'):
     for name, cf in (('cal', False), ('cal_code_bn', True)):
         seed_everything(seed)
         learn = calibrator_learner(dls, copy.deepcopy(clf), tgt_adapt, cal=Calibrator(1, ngf=8, n_blocks=NB, bound=a.bound),
-                                   code_faithful_bn=cf, d_lr=LR)
+                                   model_kw=dict(code_faithful_bn=cf), cb_kw=dict(d_lr=LR))
         t0 = time.time(); quiet_fit(learn, n_ep, LR); sec = time.time() - t0
         cb = learn.cbs.filter(lambda c: isinstance(c, CalibratorCallback))[0]
         its = len(cb.history)

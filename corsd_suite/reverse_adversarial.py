@@ -20,7 +20,8 @@ import fastai.callback.schedule  # Learner.fit_one_cycle
 from .core import check_images, check_finite, model_device, seed_everything, demo_row
 from .data import ImageSet, image_dls, unseen_transform, UNSEEN_TRANSFORMS
 from .evaluate import grad_steps, eval_mode
-from .calibrator import Calibrator, CalibratedModel, FreezeClassifier, freeze_model, calibrator_splitter
+from .calibration import (Calibrator, CalibratedModel, FreezeClassifier, freeze_model, calibrator_splitter,
+                                     check_param, check_dls, check_batch, check_classifier)
 
 # %% auto #0
 __all__ = ['check_eval', 'is_quantized', 'attention_mask', 'reverse_labels', 'reverse_pgd', 'ReverseAdvCallback', 'AttentionGate',
@@ -66,10 +67,24 @@ def reverse_labels(model:nn.Module, x:torch.Tensor, y_star='pred', y=None, teach
     if src is None: raise ValueError("y_star='teacher' needs a full-precision `teacher` model")
     with torch.no_grad(): return src(x).argmax(1)
 
-def reverse_pgd(model:nn.Module, x:torch.Tensor, y_star='pred', eps:float=2/255, steps:int=10, step_size:float|None=None,
-                y=None, teacher=None, attention:float|None=None, norm:str='linf') -> torch.Tensor:
+def _check_steps(eps, steps, step_size):
+    check_param('eps', eps, 0); check_param('steps', steps, 0, integer=True)
+    if step_size is not None: check_param('step_size', step_size, 0, lo_open=True)
+
+def reverse_pgd(model:nn.Module, # the frozen model, in eval mode
+                x:torch.Tensor, # images (N, C, H, W) in [0, 1]
+                y_star='pred', # target labels: 'pred', 'teacher', 'true' or a label tensor
+                eps:float=2/255, # L∞ (or L2) radius of the perturbation, >= 0
+                steps:int=10, # gradient steps, >= 0
+                step_size:float|None=None, # step size, > 0 (default eps/4, or eps for one step)
+                y=None, # true labels (only for y_star='true', an oracle)
+                teacher=None, # full-precision model giving labels and gradients (y_star='teacher')
+                attention:float|None=None, # perturb only this fraction of pixels (largest input gradient)
+                norm:str='linf' # 'linf' or 'l2'
+               ) -> torch.Tensor:
     "Reverse adversarial inputs: `steps` projected gradient steps that *descend* the CE towards `y_star` within `eps` of `x`"
     check_images(x, what='reverse_pgd input')
+    _check_steps(eps, steps, step_size)
     check_eval(model)
     if teacher is not None: check_eval(teacher, 'teacher')
     ys = reverse_labels(model, x, y_star, y, teacher)
@@ -87,7 +102,14 @@ def reverse_pgd(model:nn.Module, x:torch.Tensor, y_star='pred', eps:float=2/255,
 class ReverseAdvCallback(Callback):
     "Replace validation/prediction batches by reverse adversarial inputs (`reverse_pgd`) before the model sees them"
     order = 60
-    def __init__(self, eps:float=2/255, steps:int=10, y_star:str='pred', teacher=None, attention=None, step_size=None):
+    def __init__(self, eps:float=2/255, # radius of the perturbation
+                 steps:int=10, # gradient steps
+                 y_star:str='pred', # target labels (see `reverse_pgd`)
+                 teacher=None, # full-precision teacher model
+                 attention=None, # fraction of pixels to perturb
+                 step_size=None): # step size (see `reverse_pgd`)
+        _check_steps(eps, steps, step_size)
+        if attention is not None and not (isinstance(attention, (int, float)) and 0 < attention <= 1): raise ValueError(f"attention fraction must be in (0, 1], got {attention}")
         store_attr()
         if y_star == 'true': warnings.warn("ReverseAdvCallback(y_star='true') reads the labels: an ORACLE diagnostic, not a deployable accuracy")
     def before_batch(self):
@@ -126,15 +148,16 @@ def reverse_calibrator(n_in:int=1, bound:float=0.3, ngf:int=4, n_blocks:int=3, a
 class ReverseAdvModel(CalibratedModel):
     "`CalibratedModel` (frozen `clf` after calibrator `cal`) that checks its inputs and that `cal` keeps their shape"
     def forward(self, x:torch.Tensor) -> torch.Tensor:
-        check_images(x, what='ReverseAdvModel input')
+        check_batch(x, what='ReverseAdvModel input')
         xc = self.cal(x)
         if not isinstance(xc, torch.Tensor) or xc.shape != x.shape:
             raise ValueError(f"the calibrator returned {tuple(getattr(xc, 'shape', ()))} for an input of {tuple(x.shape)}: "
                              "it must return a perturbed image of the same shape")
-        self.last_cal = xc
-        return self.clf(xc)
+        return self.classify(xc)
 
-def model_with_calibrator(model:nn.Module, cal:nn.Module) -> ReverseAdvModel:
+def model_with_calibrator(model:nn.Module, # the frozen (possibly int8) model
+                          cal:nn.Module # the trained calibrator
+                         ) -> ReverseAdvModel:
     "The deployable model `model(cal(x))`: frozen `model`, calibrator `cal`, in eval mode"
     return ReverseAdvModel(cal, model).eval()
 
@@ -169,22 +192,42 @@ class StraightThrough(nn.Module):
         return out_f + (out_q - out_f).detach()
 
 # %% ../nbs/50_reverse_adversarial.ipynb #80cae8d0
-def reverse_adv_learner(dls, clf:nn.Module, cal:nn.Module|None=None, metrics=accuracy, cbs=None, **cal_kw) -> Learner:
-    "A `Learner` training a reverse-adversarial calibrator (default `reverse_calibrator(**cal_kw)`) in front of frozen `clf`"
-    cal = cal if cal is not None else reverse_calibrator(dls.n_channels, **cal_kw)
+def reverse_adv_learner(dls, # labelled new-scene `DataLoaders`
+                        clf:nn.Module, # the frozen classifier
+                        model_kw:dict|None=None, # keyword arguments of `reverse_calibrator` (bound, ngf, n_blocks, attention, ...)
+                        cb_kw:dict|None=None, # keyword arguments of `FreezeClassifier` (bn, check)
+                        cal:nn.Module|None=None, # the calibrator (default `reverse_calibrator(dls.n_channels, **model_kw)`)
+                        metrics=accuracy, # metrics
+                        cbs=None, # more callbacks
+                        **kwargs # passed to `Learner`
+                       ) -> Learner:
+    "A `Learner` training a reverse-adversarial calibrator in front of frozen `clf`"
+    check_dls(dls); check_classifier(clf, dls)
+    if cal is not None and model_kw: raise ValueError("give either `cal` or `model_kw` (the arguments of the default calibrator), not both")
+    cal = cal if cal is not None else reverse_calibrator(dls.n_channels, **(model_kw or {}))
     model = ReverseAdvModel(cal, clf)
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=metrics, splitter=calibrator_splitter,
-                   opt_func=partial(Adam, wd=0.), cbs=[FreezeClassifier()] + list(L(cbs)))
+    kw = dict(loss_func=CrossEntropyLossFlat(), splitter=calibrator_splitter, opt_func=partial(Adam, wd=0.))
+    return Learner(dls, model, metrics=metrics, cbs=[FreezeClassifier(**(cb_kw or {}))] + list(L(cbs)), **{**kw, **kwargs})
 
 class _SkipValid(Callback):
     def before_validate(self): raise CancelValidException()
 
-def adapt_to_scene(clf:nn.Module, scene:ImageSet, epochs:int=10, lr:float=3e-3, bs:int=64, seed:int=0, cal=None,
-                   device='cpu', **cal_kw) -> ReverseAdvModel:
+def adapt_to_scene(clf:nn.Module, # the frozen classifier
+                   scene:ImageSet, # labelled images of the new scene
+                   epochs:int=10, # one-cycle epochs
+                   lr:float=3e-3, # maximum learning rate
+                   bs:int=64, # batch size
+                   seed:int=0, # random seed
+                   cal=None, # the calibrator (default `reverse_calibrator(**cal_kw)`)
+                   device='cpu', # device of the DataLoaders
+                   **cal_kw # keyword arguments of `reverse_calibrator`
+                  ) -> ReverseAdvModel:
     "Train a calibrator for frozen `clf` on the labelled new-scene images `scene`; returns the deployable model (eval mode)"
+    if len(scene) == 0: raise ValueError("adapt_to_scene: the new-scene ImageSet is empty")
+    check_param('epochs', epochs, 1, integer=True); check_param('lr', lr, 0, lo_open=True); check_param('bs', bs, 1, integer=True)
     seed_everything(seed)
     dls = image_dls(scene, scene.subset(range(min(len(scene), bs))), bs=bs, device=device)
-    learn = reverse_adv_learner(dls, clf, cal, metrics=None, **cal_kw)
+    learn = reverse_adv_learner(dls, clf, model_kw=cal_kw, cal=cal, metrics=None)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=_SkipValid())
     return learn.model.eval()
 

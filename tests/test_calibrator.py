@@ -1,14 +1,18 @@
-"Calibrator: save/load of the whole adaptation state, 2-process DDP, mixed precision, bad input, demo row."
+"Calibrator: state in one module (save/load, export, deepcopy, resume), interrupts, 2-process DDP, mixed precision, bad input, demo row."
 import copy, pytest, torch
 from torch import nn
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
-from helpers import run_ddp, params_digest, roundtrip_save_load
-from corsd_suite.core import seed_everything, DEMO_ROWS
+from fastai.callback.core import Callback, CancelFitException
+from fastai.data.core import DataLoaders
+from fastai.torch_core import params
+from helpers import run_ddp, params_digest
+from corsd_suite.core import seed_everything, DEMO_ROWS, save_checkpoint, load_checkpoint
 from corsd_suite.data import TensorDL, image_dls, ImageSet
-from corsd_suite.models import dtn
-from corsd_suite.calibrator import (Calibrator, CalibratorCallback, calibrator_learner, shifted_digits, bn_state,
-                                    CalibratedModel, calibrator_row)
+from corsd_suite.models import dtn, lenet5
+from corsd_suite.calibration import Calibrator, CalibratedModel, bn_state
+from corsd_suite.calibrator import (CalibratorCallback, CalibratorModule, calibrator_learner, shifted_digits, calibrator_row,
+                                    PixelDiscriminator)
 
 def _setup(n=128, bs=32, seed=0):
     seed_everything(seed)
@@ -17,28 +21,97 @@ def _setup(n=128, bs=32, seed=0):
     clf = dtn(1, 10, dls.stats, width=0.25, size=16).eval()
     return pair, dls, clf, TensorDL(pair.target_adapt, bs, shuffle=True, drop_last=True, device='cpu')
 
-def _learner(seed=0, **kw):
-    pair, dls, clf, tdl = _setup(seed=seed)
+def _learner(seed=0, n=128, **kw):
+    pair, dls, clf, tdl = _setup(n=n, seed=seed)
     return calibrator_learner(dls, clf, tdl, cal=Calibrator(1, n_blocks=1), **kw)
 
 def _cb(learn): return learn.cbs.filter(lambda c: isinstance(c, CalibratorCallback))[0]
 
-def _fit(learn, n=1, lr=1e-3):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n, lr)
+def _fit(learn, n=1, lr=1e-3, **kw):
+    with learn.no_bar(), learn.no_logging(): learn.fit(n, lr, **kw)
     return learn
 
-def test_save_load_roundtrip(tmp_path):
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), set(sa) ^ set(sb)
+    return [k for k in sa if not torch.equal(sa[k].cpu(), sb[k].cpu())]
+
+def test_state_lives_in_the_module(tmp_path):
     learn = _fit(_learner())
-    cb = _cb(learn)
-    assert cb.d_steps == 4 and len(cb.d_opt.state) > 0           # the discriminators' Adam has moments to save
-    new = roundtrip_save_load(learn, _learner, tmp_path)          # model, calibrator opt, both discriminators, their opt, d_steps
-    nc = _cb(new)
-    assert nc.d_steps == 4
-    for a,b in zip(cb.d_opt.state_dict()['state'].values(), nc.d_opt.state_dict()['state'].values()):
-        assert torch.equal(a['exp_avg'], b['exp_avg'])
-    assert len(new.opt.state) > 0 or new.opt.state_dict()['state']  # calibrator optimiser state came back too
-    _fit(new)                                                      # training resumes from the loaded state
-    assert nc.d_steps == 8
+    m = learn.model
+    assert isinstance(m, CalibratorModule) and int(m.d_steps) == 4
+    sd = m.state_dict()
+    assert sd['d_state.exp_avg_0'].abs().sum() > 0 and float(sd['d_state.step_0']) == 4   # the discriminators' Adam moments
+    assert int(sd['tgt_state'][1]) >= 1 and int(sd['tgt_state'][2]) > 0                     # the target stream's position
+    learn.path, learn.model_dir = tmp_path, 'models'
+    sd_file = learn.save('cal_model', with_opt=False)
+    assert 'd_state.exp_avg_0' in torch.load(sd_file, weights_only=True)   # a plain state dict, read weights-only
+    learn.save('cal', with_opt=True)
+    new = _learner(seed=1)
+    new.path, new.model_dir = tmp_path, 'models'
+    new.load('cal', with_opt=True)
+    assert _same_state(learn.model, new.model) == []
+    assert len(new.opt.state_dict()['state']) > 0                  # the calibrator's optimiser came back too
+    _fit(new)
+    assert int(new.model.d_steps) == 8                             # training resumes from the loaded state
+
+def test_pickle_and_deepcopy_carry_the_state():
+    "What `learn.export` does (pickling the whole learner) keeps the state; `copy.deepcopy` too"
+    import pickle
+    learn = _fit(_learner())
+    back = pickle.loads(pickle.dumps(learn))
+    assert _same_state(learn.model, back.model) == []
+    _fit(back)
+    assert int(back.model.d_steps) == 8
+    cp = copy.deepcopy(learn)
+    assert _same_state(learn.model, cp.model) == [] and int(cp.model.d_steps) == 4
+    _fit(cp)                                                       # a copy trains, from the target position of its buffer
+    assert int(cp.model.d_steps) == 8
+
+def test_resume_equals_uninterrupted(tmp_path):
+    "3 epochs straight == 1 epoch, save_checkpoint, a NEW learner, load_checkpoint, 2 more epochs: bit-identical on CPU"
+    a = _fit(_learner(n=64), 3)
+    b = _fit(_learner(n=64), 1)
+    save_checkpoint(b, tmp_path/'ck.pth')
+    c = _learner(n=64, seed=7)                                     # other seed: other init and other shuffle states
+    load_checkpoint(c, tmp_path/'ck.pth')
+    _fit(c, 3, start_epoch=1)
+    assert _same_state(a.model, c.model) == []
+    assert int(c.model.d_steps) == 6
+
+_EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss', 'before_backward',
+           'after_backward', 'before_step', 'after_step', 'after_batch', 'after_train', 'before_validate',
+           'after_validate', 'after_epoch', 'after_fit')
+
+class _Raise(Callback):
+    "Raise `ex` the first time `event` fires"
+    order = 1
+    def __init__(self, event, ex): self.event, self.ex, self.done = event, ex, False
+    def __call__(self, event_name):
+        if event_name == self.event and not self.done:
+            self.done = True
+            raise self.ex()
+        return super().__call__(event_name)
+
+@pytest.mark.parametrize('ex', [KeyboardInterrupt, CancelFitException])
+def test_interrupt_at_every_event(ex):
+    learn = _learner(n=64)
+    mets = list(learn.metrics)
+    for ev in _EVENTS:
+        try: _fit(learn, cbs=_Raise(ev, ex))
+        except (KeyboardInterrupt, CancelFitException): pass
+        assert len(learn.metrics) == len(mets) and all(a is b for a,b in zip(learn.metrics, mets)), ev   # metric list unchanged
+        assert all(p.requires_grad for p in learn.model.d_params()), ev                                  # discriminators trainable
+        copy.deepcopy(learn.model)                                     # nothing left on the model from the interrupted batch
+    steps = int(learn.model.d_steps)
+    _fit(learn)                                                        # trains again
+    assert int(learn.model.d_steps) == steps + 2
+    preds, _ = learn.get_preds()                                       # and predicts through the deployment path
+    x = learn.dls.valid_ds.x.float() / 255
+    m = learn.model.eval()
+    with torch.no_grad(): ref = torch.softmax(m.clf(m.cal(x)), 1)
+    assert torch.allclose(preds, ref, atol=1e-6)
+    assert len(learn.recorder.metric_names) == len(['epoch', 'train_loss', 'valid_loss']) + len(mets) + 1
 
 def _ddp_rank(rank):
     from helpers import ddp_fit
@@ -47,14 +120,15 @@ def _ddp_rank(rank):
     clf0 = copy.deepcopy(learn.model.clf.state_dict())
     ddp_fit(learn, 1, 1e-3)
     m = learn.model.module if hasattr(learn.model, 'module') else learn.model
-    cb = _cb(learn)
     same = all(torch.equal(v, clf0[k]) for k,v in m.clf.state_dict().items())
-    return dict(cal=params_digest(m.cal), d=params_digest(cb.d_out) + params_digest(cb.d_pix), iters=cb.d_steps, clf_same=same)
+    return dict(cal=params_digest(m.cal), d=params_digest(m.d_out) + params_digest(m.d_pix), iters=int(m.d_steps), clf_same=same,
+                adam=float(sum(b.double().sum() for b in m.d_state.buffers())))
 
 def test_ddp_two_ranks():
     r0, r1 = run_ddp(_ddp_rank)
     assert r0['iters'] == r1['iters'] == 2                         # 4 source batches shared by 2 ranks
-    assert abs(r0['cal'] - r1['cal']) < 1e-6 and abs(r0['d'] - r1['d']) < 1e-6   # replicas agree (calibrator by DDP, discriminators by the callback)
+    assert abs(r0['cal'] - r1['cal']) < 1e-6 and abs(r0['d'] - r1['d']) < 1e-6   # replicas agree (calibrator by DDP, discriminators by the engine)
+    assert abs(r0['adam'] - r1['adam']) < 1e-6
     assert r0['clf_same'] and r1['clf_same']
     seed_everything(0)
     assert abs(params_digest(_learner().model.cal) - r0['cal']) > 1e-6   # and they trained
@@ -69,30 +143,68 @@ def test_mixed_precision(mode):
     assert len(cb.history) == 4 and all(torch.isfinite(torch.tensor([h['g_loss'], h['d_loss']])).all() for h in cb.history)
     assert all(torch.equal(v, clf0[k]) for k,v in learn.model.clf.state_dict().items())
 
+def _cl(dls, clf, tdl, **kw): return calibrator_learner(dls, copy.deepcopy(clf), tdl, cal=Calibrator(1, n_blocks=1), **kw)
+
 def test_bad_input():
     pair, dls, clf, tdl = _setup()
     small = TensorDL(pair.target_adapt.resize(12), 32, shuffle=True, drop_last=True)
-    with pytest.raises(ValueError, match='target images'): _fit(calibrator_learner(dls, copy.deepcopy(clf), small, cal=Calibrator(1, n_blocks=1)))
+    with pytest.raises(ValueError, match='target images'): _fit(_cl(dls, clf, small))
     rgb = TensorDL(pair.target_adapt.to_channels(3), 32, shuffle=True, drop_last=True)
-    with pytest.raises(ValueError, match='target images'): _fit(calibrator_learner(dls, copy.deepcopy(clf), rgb, cal=Calibrator(1, n_blocks=1)))
-    empty = TensorDL(pair.target_adapt.subset(range(10)), 32, shuffle=True, drop_last=True)   # fewer images than a batch
-    with pytest.raises(ValueError, match='yielded no images'): _fit(calibrator_learner(dls, copy.deepcopy(clf), empty, cal=Calibrator(1, n_blocks=1)))
-    clf7 = dtn(1, 7, dls.stats, width=0.25, size=16)
-    with pytest.raises(ValueError, match='class count'): _fit(calibrator_learner(dls, clf7, tdl, cal=Calibrator(1, n_blocks=1)))
-    from fastai.torch_core import params
-    bad = Learner(dls, CalibratedModel(Calibrator(1, n_blocks=1), copy.deepcopy(clf)), loss_func=CrossEntropyLossFlat(),
-                  splitter=lambda m: [params(m)], cbs=CalibratorCallback(tdl, n_classes=10))
+    with pytest.raises(ValueError, match='target images'): _fit(_cl(dls, clf, rgb))
+    few = TensorDL(pair.target_adapt.subset(range(10)), 32, shuffle=True, drop_last=True)   # fewer images than a batch
+    with pytest.raises(ValueError, match='yielded no images'): _fit(_cl(dls, clf, few))
+    with pytest.raises(ValueError, match='class count'): _cl(dls, dtn(1, 7, dls.stats, width=0.25, size=16), tdl)
+    bad = Learner(dls, CalibratorModule(Calibrator(1, n_blocks=1), copy.deepcopy(clf)), loss_func=CrossEntropyLossFlat(),
+                  splitter=lambda m: [params(m)], cbs=CalibratorCallback(tdl))
     with pytest.raises(ValueError, match='optimiser'): _fit(bad)    # a splitter that hands the classifier to the optimiser
     with pytest.raises(ValueError, match='channels'): Calibrator(1)(torch.rand(2, 3, 16, 16))
     with pytest.raises(ValueError, match='mode'): Calibrator(1, mode='both')
+
+def test_bad_hyper_parameters():
+    pair, dls, clf, tdl = _setup()
+    with pytest.raises(ValueError, match='lam_t'): _cl(dls, clf, tdl, cb_kw=dict(lam_t=-1.))
+    with pytest.raises(ValueError, match='lam_s'): _cl(dls, clf, tdl, cb_kw=dict(lam_s=-0.1))
+    with pytest.raises(ValueError, match='d_lr'): _cl(dls, clf, tdl, cb_kw=dict(d_lr=0.))
+    with pytest.raises(ValueError, match='box'): Calibrator(1, box=(1, 0))
+    with pytest.raises(ValueError, match='patch'): _cl(dls, clf, tdl, model_kw=dict(patch=0))
+    with pytest.raises(ValueError, match='patch'): PixelDiscriminator(1, patch=0)
+    with pytest.raises(ValueError, match='bound'): Calibrator(1, bound=-0.2)
+
+def test_bad_batches():
+    pair, dls, clf, tdl = _setup()
+    u8 = torch.utils.data.DataLoader(pair.target_adapt.x, batch_size=32, shuffle=True, drop_last=True)   # uint8 images, 0-255
+    with pytest.raises(ValueError, match='uint8'): _fit(_cl(dls, clf, u8))
+    d64 = DataLoaders(*[dl.new(after_batch=lambda b: (b[0].double(), b[1])) for dl in (dls.train, dls.valid)])
+    d64.c, d64.n_channels, d64.size = dls.c, dls.n_channels, dls.size
+    with pytest.raises(ValueError, match='float64'): _fit(_cl(d64, clf, tdl))
+    with pytest.raises(ValueError, match='expects 28×28'): _cl(dls, dtn(1, 10, dls.stats, width=0.25, size=28), tdl)   # built for 28, data 16
+    plain = DataLoaders(dls.train, dls.valid)                         # no `size`: caught at the first batch instead
+    plain.c, plain.n_channels = 10, 1
+    with pytest.raises(ValueError, match='expects 28×28'): _fit(_cl(plain, dtn(1, 10, dls.stats, width=0.25, size=28), tdl))
+
+def test_empty_data():
+    pair, dls, clf, tdl = _setup()
+    empty_valid = DataLoaders(dls.train, TensorDL(pair.target_eval.subset([]), 32))
+    with pytest.raises(ValueError, match='valid dataset'): _cl(empty_valid, clf, tdl)
+    empty_train = DataLoaders(TensorDL(pair.source_train.subset([]), 32), dls.valid)
+    with pytest.raises(ValueError, match='train dataset'): _cl(empty_train, clf, tdl)
+    with pytest.raises(ValueError, match='target DataLoader is empty'): _cl(dls, clf, TensorDL(pair.target_adapt.subset([]), 32))
 
 def test_frozen_bn_buffers_identical_and_code_faithful_moves():
     learn = _learner()
     bn0 = bn_state(learn.model.clf)
     _fit(learn, 2)
     assert all(torch.equal(v, bn0[k]) for k,v in bn_state(learn.model.clf).items())
-    cf = _fit(_learner(code_faithful_bn=True))
+    cf = _fit(_learner(model_kw=dict(code_faithful_bn=True)))
     assert not all(torch.equal(v, bn0[k]) for k,v in bn_state(cf.model.clf).items())
+
+def test_deployable_shares_and_matches():
+    learn = _fit(_learner())
+    dep = learn.model.deployable()
+    assert isinstance(dep, CalibratedModel) and dep.cal is learn.model.cal and not hasattr(dep, 'd_out')
+    x = learn.dls.valid.one_batch()[0]
+    learn.model.eval()
+    with torch.no_grad(): assert torch.equal(dep(x), learn.model(x))
 
 def test_demo_row_registered():
     order, f = DEMO_ROWS['Calibrator']

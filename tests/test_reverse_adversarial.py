@@ -1,10 +1,12 @@
-"Reverse adversarial: save/load, 2-process DDP, mixed precision, int8 composition, bad input, demo row."
-import warnings
+"Reverse adversarial: save/load, interrupts, 2-process DDP, mixed precision, int8 composition, bad input, demo row."
+import copy, warnings
 import pytest, torch
 from torch import nn
-from helpers import run_ddp, ddp_fit, params_digest, roundtrip_save_load
+from fastai.callback.core import Callback, CancelFitException
+from fastai.data.core import DataLoaders
+from helpers import run_ddp, ddp_fit, params_digest
 from corsd_suite.core import seed_everything
-from corsd_suite.data import digits_dls, digits
+from corsd_suite.data import digits_dls, digits, TensorDL
 from corsd_suite.models import lenet5
 from corsd_suite.reverse_adversarial import (reverse_adv_learner, reverse_calibrator, model_with_calibrator, reverse_pgd,
     quantize_int8, StraightThrough, adapt_to_scene, ReverseAdvCallback, is_quantized, reverse_adversarial_row)
@@ -17,12 +19,17 @@ def _learner(seed=0, bs=64):
     dls = digits_dls(16, bs=bs, device='cpu')
     clf = _clf(dls, seed)
     seed_everything(seed)
-    return reverse_adv_learner(dls, clf, bound=0.3), clf
+    return reverse_adv_learner(dls, clf, model_kw=dict(bound=0.3)), clf
 
 def test_save_load_roundtrip(tmp_path):
     learn, clf = _learner()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
-    new = roundtrip_save_load(learn, lambda: _learner(seed=1)[0], tmp_path)
+    learn.path, learn.model_dir = tmp_path, 'models'
+    f = learn.save('ra', with_opt=False)
+    torch.load(f, weights_only=True)
+    new = _learner(seed=1)[0]
+    new.path, new.model_dir = tmp_path, 'models'
+    new.load('ra', with_opt=False)
     x = learn.dls.valid.one_batch()[0]
     learn.model.eval(); new.model.eval()
     with torch.no_grad(): assert torch.allclose(learn.model(x), new.model(x))
@@ -88,6 +95,64 @@ def test_bad_input():
     with pytest.raises(ValueError, match='int8'): reverse_pgd(q, x)
     with pytest.raises(ValueError, match='attention'): reverse_pgd(clf, x, attention=1.5)
     with pytest.raises(ValueError, match='bound'): reverse_calibrator(1, bound=0.)
+
+_EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss', 'before_backward',
+           'after_backward', 'before_step', 'after_step', 'after_batch', 'after_train', 'before_validate',
+           'after_validate', 'after_epoch', 'after_fit')
+
+class _Raise(Callback):
+    order = 1
+    def __init__(self, event, ex): self.event, self.ex, self.done = event, ex, False
+    def __call__(self, event_name):
+        if event_name == self.event and not self.done:
+            self.done = True
+            raise self.ex()
+        return super().__call__(event_name)
+
+@pytest.mark.parametrize('ex', [KeyboardInterrupt, CancelFitException])
+def test_interrupt_at_every_event(ex):
+    learn, clf = _learner(bs=128)
+    sd = {k: v.clone() for k,v in clf.state_dict().items()}
+    mets = list(learn.metrics)
+    for ev in _EVENTS:
+        try:
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=_Raise(ev, ex))
+        except (KeyboardInterrupt, CancelFitException): pass
+        assert len(learn.metrics) == len(mets), ev
+        assert not any(p.requires_grad for p in learn.model.clf.parameters()), ev
+        copy.deepcopy(learn.model)                                      # no activation left on the model
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)        # trains again
+    assert all(torch.equal(sd[k], v) for k,v in clf.state_dict().items())
+    preds, _ = learn.get_preds()
+    x = learn.dls.valid_ds.x.float() / 255
+    m = learn.model.eval()
+    with torch.no_grad(): assert torch.allclose(preds, torch.softmax(m.clf(m.cal(x)), 1), atol=1e-6)
+
+def test_bad_hyper_parameters_and_data():
+    dls = digits_dls(16, device='cpu')
+    clf = _clf(dls)
+    x = torch.rand(4, 1, 16, 16)
+    with pytest.raises(ValueError, match='eps'): reverse_pgd(clf, x, eps=-0.1)
+    with pytest.raises(ValueError, match='step_size'): reverse_pgd(clf, x, step_size=-1)
+    with pytest.raises(ValueError, match='steps'): reverse_pgd(clf, x, steps=-2)
+    with pytest.raises(ValueError, match='eps'): ReverseAdvCallback(eps=-0.1)
+    with pytest.raises(ValueError, match='step_size'): ReverseAdvCallback(step_size=-1)
+    with pytest.raises(ValueError, match='class count'): reverse_adv_learner(dls, lenet5(1, 7, size=16))   # 7 classes, dls.c 10
+    with pytest.raises(ValueError, match='expects 28×28'): reverse_adv_learner(dls, lenet5(1, 10, size=28))   # built for 28
+    plain = DataLoaders(dls.train, dls.valid)                  # no size known: caught at the first batch
+    plain.c, plain.n_channels = dls.c, dls.n_channels
+    with pytest.raises(ValueError, match='expects 28×28'):
+        l = reverse_adv_learner(plain, lenet5(1, 10, size=28))
+        with l.no_bar(), l.no_logging(): l.fit(1)
+    d64 = DataLoaders(*[dl.new(after_batch=lambda b: (b[0].double(), b[1])) for dl in (dls.train, dls.valid)])
+    d64.c, d64.n_channels, d64.size = dls.c, dls.n_channels, dls.size
+    with pytest.raises(ValueError, match='float64'):
+        l = reverse_adv_learner(d64, clf)
+        with l.no_bar(), l.no_logging(): l.fit(1)
+    tr = digits(16).split(0.2, 0)[0]
+    with pytest.raises(ValueError, match='empty'): adapt_to_scene(clf, tr.subset([]))
+    with pytest.raises(ValueError, match='valid dataset'): reverse_adv_learner(DataLoaders(dls.train, TensorDL(tr.subset([]), 32)), clf)
+    with pytest.raises(ValueError, match='train dataset'): reverse_adv_learner(DataLoaders(TensorDL(tr.subset([]), 32), dls.valid), clf)
 
 def test_demo_row():
     r = reverse_adversarial_row(quick=True)
