@@ -68,3 +68,29 @@ def roundtrip_checkpoint(learn, make_learner, tmp_path, name:str='roundtrip.ckpt
     got = load_checkpoint(new, f)
     assert_same_state(learn.model, new.model)
     return new, got
+
+# ------------------------------------------------------------------------------- interrupts and resumes, for every method
+from fastai.callback.core import Callback, CancelFitException
+
+TRAIN_EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss', 'before_backward',
+                'after_backward', 'before_step', 'after_step', 'after_batch', 'after_train', 'before_validate',
+                'after_validate', 'after_epoch', 'after_fit')
+BATCH_EVENTS = ('before_batch', 'after_pred', 'after_loss', 'after_batch')   # these come in validation too
+
+class RaiseAt(Callback):
+    "Raise `exc` the first time `event` comes (a user's Ctrl-C, or a callback cancelling the fit); `valid`: in the validation phase"
+    def __init__(self, event:str, exc=KeyboardInterrupt, order:int=0, valid:bool=False):
+        self.event, self.exc, self.order, self.valid, self.fired = event, exc, order, valid, False
+    def __call__(self, event_name):
+        phase_ok = event_name not in BATCH_EVENTS or self.learn.training != self.valid
+        if event_name == self.event and not self.fired and phase_ok: self.fired = True; raise self.exc()
+        return super().__call__(event_name)
+
+class SaveAndStop(Callback):
+    "Save a checkpoint after `n` epochs (with `extra={'epoch': n}`), then stop the fit there, as a killed run would"
+    order = 95
+    def __init__(self, file, n:int=1): self.file, self.n = file, n
+    def after_epoch(self):
+        if self.epoch + 1 == self.n:
+            save_checkpoint(self.learn, self.file, extra=dict(epoch=self.n))
+            raise CancelFitException()

@@ -7,7 +7,7 @@ from torch import nn
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelFitException
 from fastai.losses import CrossEntropyLossFlat
-from helpers import run_ddp, ddp_fit, params_digest, roundtrip_save_load
+from helpers import run_ddp, ddp_fit, params_digest, roundtrip_save_load, TRAIN_EVENTS, RaiseAt, SaveAndStop
 from corsd_suite.core import seed_everything, get_stages, save_checkpoint, load_checkpoint
 from corsd_suite.data import digits, image_dls, CropFlip, TensorDL
 from corsd_suite.models import resnet8, count_params, StagedNet, MODELS
@@ -204,21 +204,12 @@ def test_ddp_two_ranks_identical_weights():
     assert abs(r0['after'] - r1['after']) < 1e-6 and abs(r0['rel'] - r1['rel']) < 1e-6
 
 # ------------------------------------------------------------------------------------- resume, interrupts, input
-class _SaveAndStop(Callback):
-    "Save a checkpoint after epoch `n` and stop the fit there (as a killed run would)"
-    order = 95
-    def __init__(self, file, n): self.file, self.n = file, n
-    def after_epoch(self):
-        if self.epoch + 1 == self.n:
-            save_checkpoint(self.learn, self.file, extra=dict(epoch=self.n))
-            raise CancelFitException()
-
 def test_resume_equals_uninterrupted(tmp_path):
     def mk():
         seed_everything(0)
         return corsd_learner(_dls(augment=CropFlip(pad=1)), 'resnet8', cb_kw=dict(byot=True))
     straight = _one_cycle(mk(), 3)
-    first = _one_cycle(mk(), 3, cbs=_SaveAndStop(tmp_path/'ck.pth', 1))
+    first = _one_cycle(mk(), 3, cbs=SaveAndStop(tmp_path/'ck.pth', 1))
     resumed = mk()
     assert load_checkpoint(resumed, tmp_path/'ck.pth')['epoch'] == 1
     _one_cycle(resumed, 3, start_epoch=1)
@@ -228,17 +219,6 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert not diff, diff[:5]
     assert not torch.equal(first.model.proto.protos, resumed.model.proto.protos)
 
-_EVENTS = ['before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss', 'before_backward',
-           'after_backward', 'before_step', 'after_step', 'after_batch', 'after_train', 'before_validate',
-           'after_validate', 'after_epoch', 'after_fit']
-
-class _Boom(Callback):
-    "Raise `exc` at the first `event` (the user's Ctrl-C, or a callback cancelling the fit)"
-    def __init__(self, event, exc, order): self.event, self.exc, self.order, self.fired = event, exc, order, False
-    def __call__(self, event_name):
-        if event_name == self.event and not self.fired: self.fired = True; raise self.exc()
-        return super().__call__(event_name)
-
 @pytest.mark.parametrize('exc', [KeyboardInterrupt, CancelFitException])
 def test_interrupt_at_every_event_leaves_a_working_learner(exc):
     seed_everything(0)
@@ -246,8 +226,8 @@ def test_interrupt_at_every_event_leaves_a_working_learner(exc):
     names = list(learn.metrics.attrgot('name'))
     x = learn.dls.valid.one_batch()[0]
     for order in (0, 10):
-        for ev in _EVENTS:
-            boom = _Boom(ev, exc, order)
+        for ev in TRAIN_EVENTS:
+            boom = RaiseAt(ev, exc, order)
             try: _fit(learn, 1, cbs=boom)
             except (KeyboardInterrupt, CancelFitException): pass
             assert boom.fired, ev
@@ -255,7 +235,7 @@ def test_interrupt_at_every_event_leaves_a_working_learner(exc):
             assert isinstance(out, torch.Tensor) and out.shape == (len(x), 10), ev
             with torch.no_grad(): assert torch.equal(learn.model.eval()(x), learn.model.backbone(x)), ev
             assert list(learn.metrics.attrgot('name')) == names, ev
-            assert not any(isinstance(c, _Boom) for c in learn.cbs), ev
+            assert not any(isinstance(c, RaiseAt) for c in learn.cbs), ev
     _fit(learn, 1)
     vals = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
     assert all(vals[k] is not None for k in list(CORSD_WEIGHTS) + list(BYOT_WEIGHTS) + ['exit1_acc']), vals

@@ -1,7 +1,7 @@
 "MGNet: glimpses, gradients, shapes, BatchNorm modes, save/load, resume, interrupts, DDP, mixed precision, bad input, demo row."
 import copy, pickle, pytest, torch, torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException
-from helpers import run_ddp, ddp_fit, params_digest, roundtrip_save_load
+from helpers import run_ddp, ddp_fit, params_digest, roundtrip_save_load, TRAIN_EVENTS, BATCH_EVENTS, RaiseAt, SaveAndStop
 from corsd_suite.core import seed_everything, DEMO_ROWS
 from corsd_suite.data import digits, cluttered, image_dls, ImageSet
 from corsd_suite.models import get_model
@@ -177,16 +177,6 @@ def test_save_load_roundtrip(tmp_path):
     assert torch.allclose(learn.model(x), new.model(x))
     assert all(torch.equal(a, b) for a, b in zip(learn.model.trace['params'], new.model.trace['params']))
 
-class _SaveAndStop(Callback):
-    "Save a checkpoint after epoch `at` (0-based), then stop the fit as a crash would"
-    order = 95
-    def __init__(self, file, at=0): self.file, self.at = file, at
-    def after_epoch(self):
-        if self.epoch == self.at:
-            from corsd_suite.core import save_checkpoint
-            save_checkpoint(self.learn, self.file, extra=dict(epoch=self.epoch + 1))
-            raise CancelFitException()
-
 @pytest.mark.parametrize('glimpse_bn', ['per_glimpse', 'shared'])
 def test_resume_equals_uninterrupted(tmp_path, glimpse_bn):
     from corsd_suite.core import load_checkpoint
@@ -195,7 +185,7 @@ def test_resume_equals_uninterrupted(tmp_path, glimpse_bn):
     a = fresh()
     with a.no_bar(), a.no_logging(): a.fit_one_cycle(3, 1e-2)
     b = fresh()
-    with b.no_bar(), b.no_logging(): b.fit_one_cycle(3, 1e-2, cbs=_SaveAndStop(tmp_path/'ck.pth'))
+    with b.no_bar(), b.no_logging(): b.fit_one_cycle(3, 1e-2, cbs=SaveAndStop(tmp_path/'ck.pth', 1))
     torch.manual_seed(123)                                                     # the crash moved the RNG: the checkpoint restores it
     c = _tiny_learner(glimpse_bn=glimpse_bn)                                   # a NEW learner
     c.create_opt()
@@ -206,27 +196,14 @@ def test_resume_equals_uninterrupted(tmp_path, glimpse_bn):
     for k in sa: assert torch.equal(sa[k], sc[k]), f"{k} differs after resume"
     assert any(k.startswith('glimpse_bn') for k in sa) == (glimpse_bn == 'per_glimpse')
 
-class _Interrupt(Callback):
-    "Raise `exc` at the first `event` (during validation if `valid`)"
-    order = 50
-    def __init__(self, event, exc, valid=False): self.event, self.exc, self.valid, self.fired = event, exc, valid, False
-    def __call__(self, event_name):
-        batch_event = event_name in ('before_batch', 'after_pred', 'after_loss', 'after_batch')   # these run in both phases
-        if event_name == self.event and not self.fired and (not batch_event or self.learn.training != self.valid):
-            self.fired = True; raise self.exc()
-        return super().__call__(event_name)
-
-EVENTS = [(e, False) for e in ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',
-                               'before_backward', 'after_backward', 'before_step', 'after_step', 'after_batch', 'after_train',
-                               'before_validate', 'after_validate', 'after_epoch', 'after_fit')]
-EVENTS += [(e, True) for e in ('before_batch', 'after_pred', 'after_loss', 'after_batch')]
+EVENTS = [(e, False) for e in TRAIN_EVENTS] + [(e, True) for e in BATCH_EVENTS]
 
 @pytest.mark.parametrize('exc', [KeyboardInterrupt, CancelFitException])
 @pytest.mark.parametrize('event,valid', EVENTS)
 def test_interrupt_leaves_a_working_learner(event, valid, exc):
     seed_everything(0)
     learn = _tiny_learner()
-    stop = _Interrupt(event, exc, valid)
+    stop = RaiseAt(event, exc, order=50, valid=valid)
     with learn.no_bar(), learn.no_logging():
         cbs, n_metrics = [type(c) for c in learn.cbs], len(learn.metrics)
         if exc is KeyboardInterrupt or event == 'after_fit':   # fastai catches CancelFitException up to after_cancel_fit only
