@@ -20,7 +20,9 @@ __all__ = ['CHECKPOINT_FORMAT', 'DEMO_ROWS', 'BENCHMARK_URL', 'seed_everything',
            'benchmark_markdown', 'show_benchmark']
 
 # %% ../nbs/00_core.ipynb #28e38d76
-def seed_everything(seed:int=42, deterministic:bool=False):
+def seed_everything(seed:int=42, # seed for Python's `random`, NumPy and torch (on every device)
+                   deterministic:bool=False, # also ask torch for deterministic kernels (it warns where it has none)
+                  ):
     "Seed Python, NumPy and torch; optionally ask torch for deterministic kernels"
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
@@ -35,7 +37,8 @@ def best_device() -> torch.device:
     return torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #516d2d31
-def model_device(m:nn.Module) -> torch.device:
+def model_device(m:nn.Module, # the module whose device is read
+                ) -> torch.device:
     "Device of the first parameter (or buffer) of `m`; CPU for a module without any"
     t = next(iter(m.parameters()), None)
     if t is None: t = next(iter(m.buffers()), None)
@@ -56,14 +59,17 @@ def _broadcast(self, t, rank):
 if DistributedDL is not None: DistributedDL._broadcast = _broadcast
 
 # %% ../nbs/00_core.ipynb #b28827bb
-def unwrap(m:nn.Module, found:type|str|None=None) -> nn.Module:
+def unwrap(m:nn.Module, # a model, possibly held as `.module` by DDP, `DataParallel` or fastai wrappers
+           found:type|str|None=None, # stop at an instance of this class, or at a module with this attribute (None: unwrap fully)
+          ) -> nn.Module:
     "`m` without the fastai/DDP wrappers that hold it as `.module`, stopping at an instance of `found` (a class or attribute name)"
     hit = (lambda o: isinstance(o, found)) if isinstance(found, (type, tuple)) else (lambda o: found is not None and hasattr(o, found))
     while not hit(m) and isinstance(getattr(m, 'module', None), nn.Module): m = m.module
     return m
 
 # %% ../nbs/00_core.ipynb #1eadd391
-def get_stages(m:nn.Module) -> list:
+def get_stages(m:nn.Module, # a zoo model (or any with a `stages` ModuleList), wrapped or not
+              ) -> list:
     "The ordered stages of a zoo model (also through fastai/DDP wrappers that hold it as `.module`)"
     m = unwrap(m, 'stages')
     if not hasattr(m, 'stages'):
@@ -72,8 +78,10 @@ def get_stages(m:nn.Module) -> list:
 
 # %% ../nbs/00_core.ipynb #0e881e6c
 class StageHooks:
-    "Record the outputs of every stage of `m` (not detached) while active; use as a context manager"
-    def __init__(self, m:nn.Module, detach:bool=False):
+    "Record the outputs of every stage of `m` while active (kept in the graph unless `detach`); use as a context manager"
+    def __init__(self, m:nn.Module, # the model whose stages are hooked (see `get_stages`)
+                 detach:bool=False, # store detached outputs (the default keeps them in the graph, so losses on them train the body)
+                ):
         self.hooks = hook_outputs(get_stages(m), detach=detach, cpu=False)
     @property
     def stored(self) -> list: return self.hooks.stored
@@ -82,7 +90,9 @@ class StageHooks:
     def __exit__(self, *args): self.remove()
 
 # %% ../nbs/00_core.ipynb #fa318d04
-def stage_features(m:nn.Module, x:torch.Tensor):
+def stage_features(m:nn.Module, # a model with stages (see `get_stages`)
+                   x:torch.Tensor, # the input batch
+                  ):
     "Run `m` on `x` and return its output and the list of stage outputs"
     with StageHooks(m) as h:
         out = m(x)
@@ -106,7 +116,9 @@ def _plain(o, where:str='checkpoint'):
     if isinstance(o, (list, L)): return [_plain(v, f"{where}[{i}]") for i, v in enumerate(o)]
     raise TypeError(f"{where} holds a {type(o).__name__}, which a checkpoint cannot store (only tensors, numbers, strings, lists and dicts)")
 
-def save_atomic(obj, file) -> Path:
+def save_atomic(obj, # what `torch.save` writes (keep to tensors and plain data so it reads back with `weights_only=True`)
+                file, # destination path (str or Path); its folder is created if needed
+               ) -> Path:
     "`torch.save` `obj` to `file` through a temporary file in the same folder, renamed into place when complete"
     file = Path(file); file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f'.{file.name}.', suffix='.tmp')
@@ -132,7 +144,8 @@ def rng_state() -> dict:
     if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
     return st
 
-def set_rng_state(st:dict):
+def set_rng_state(st:dict, # generator states as returned by `rng_state()`
+                 ):
     "Restore generators from `rng_state()` (CUDA only where this machine has as many devices as the saved state)"
     random.setstate(_pystate(st['python']))
     n = st['numpy']
@@ -260,15 +273,20 @@ def load_checkpoint(learn:Learner, # the learner to restore (built like the save
     return extra
 
 # %% ../nbs/00_core.ipynb #f3aac92f
-def check_finite(t:torch.Tensor, what:str='loss'):
+def check_finite(t:torch.Tensor, # the tensor to check (a loss, say)
+                 what:str='loss', # what `t` is, for the error message
+                ):
     "Raise a `FloatingPointError` naming `what` if `t` has a NaN or an infinity"
     if not torch.isfinite(t).all():
         raise FloatingPointError(f"non-finite {what}: {t.detach().flatten()[:4].tolist()} (check the learning rate, the inputs and the loss weights)")
     return t
 
 # %% ../nbs/00_core.ipynb #56da1fdf
-def check_images(x:torch.Tensor, n_ch:int|None=None, what:str='input'):
-    "Raise a `ValueError` unless `x` is a float batch of images `(N,C,H,W)` (with `n_ch` channels if given)"
+def check_images(x:torch.Tensor, # the batch to check
+                 n_ch:int|None=None, # the number of channels `x` must have (None: any)
+                 what:str='input', # what `x` is, for the error message
+                ):
+    "Raise a `ValueError` unless `x` is a tensor batch of images `(N,C,H,W)` (with `n_ch` channels if given)"
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"{what} must be a batch of images of shape (N, C, H, W); got {getattr(x, 'shape', type(x))}")
     if n_ch is not None and x.shape[1] != n_ch:
@@ -284,14 +302,18 @@ class _GradScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g): return g * ctx.scale, None
 
-def grad_scale(x:torch.Tensor, scale:float) -> torch.Tensor:
+def grad_scale(x:torch.Tensor, # the input, returned unchanged in the forward pass
+               scale:float, # factor applied to the gradient in the backward pass (negative reverses it)
+              ) -> torch.Tensor:
     "Identity in the forward pass; multiplies the gradient by `scale` in the backward pass"
     return x if scale == 1 else _GradScale.apply(x, scale)
 
 # %% ../nbs/00_core.ipynb #118ecf45
 DEMO_ROWS = {}
 
-def demo_row(name:str, order:int=50):
+def demo_row(name:str, # the row's name in `corsd-suite demo` (a row of the same name is replaced)
+             order:int=50, # the demo runs its rows in increasing `order`
+            ):
     "Decorator registering `f(quick:bool)->dict` as the demo row called `name`"
     def _inner(f):
         DEMO_ROWS[name] = (order, f)
@@ -301,7 +323,9 @@ def demo_row(name:str, order:int=50):
 # %% ../nbs/00_core.ipynb #8b9df6de
 BENCHMARK_URL = 'https://github.com/corsd-suite/corsd_suite/blob/main/benchmarks/results'
 
-def benchmark_markdown(name:str, results:Path|None=None) -> tuple:
+def benchmark_markdown(name:str, # the page's name: `{results}/{name}.md`
+                       results:Path|None=None, # the results folder (default: `benchmarks/results` of this checkout)
+                      ) -> tuple:
     "Text of `benchmarks/results/{name}.md` (links made absolute, images taken out) and the paths of its images"
     import corsd_suite
     results = Path(results or Path(corsd_suite.__file__).resolve().parents[1]/'benchmarks'/'results')
@@ -314,7 +338,9 @@ def benchmark_markdown(name:str, results:Path|None=None) -> tuple:
     return re.sub(r'\A# .*\n', '', md).strip(), [p for p in imgs if p.exists()]
 
 # %% ../nbs/00_core.ipynb #2bc97237
-def show_benchmark(name:str, results:Path|None=None):
+def show_benchmark(name:str, # the page's name: `{results}/{name}.md`
+                   results:Path|None=None, # the results folder (default: `benchmarks/results` of this checkout)
+                  ):
     "Display the benchmark page `name` with its images, or a link to it outside a checkout"
     from IPython.display import display, Markdown, Image
     md, imgs = benchmark_markdown(name, results)

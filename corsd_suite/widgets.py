@@ -20,13 +20,20 @@ __all__ = ['PANELS', 'Knob', 'register_panel', 'Panel', 'StepsPanel', 'SparsityP
 # %% ../nbs/70_widgets.ipynb #218aeec3
 class Knob(BasicRepr):
     "A panel control: a numeric slider from `lo` to `hi` by `step`, or a choice among `options`; starts at `default`"
-    def __init__(self, default, lo=None, hi=None, step=None, options=None, label:str|None=None):
+    def __init__(self, default, # the starting value (one of `options` for a choice)
+                 lo=None, # the slider's lowest value
+                 hi=None, # the slider's highest value
+                 step=None, # the slider's step (None: 1 for an integer slider, a hundredth of the range otherwise)
+                 options=None, # the choices of a dropdown (instead of `lo` and `hi`)
+                 label:str|None=None, # the control's label (None: the knob's name in the panel)
+                ):
         if options is None and (lo is None or hi is None): raise ValueError("a Knob needs lo and hi, or options")
         if options is not None and default not in options: raise ValueError(f"default {default!r} is not one of {options}")
         store_attr()
     @property
     def is_int(self): return self.options is None and all(isinstance(v, int) for v in (self.default, self.lo, self.hi, self.step or 1))
-    def widget(self, name:str):
+    def widget(self, name:str, # the knob's name in its panel (the label when there is no `label`)
+              ):
         "The ipywidgets control for this knob"
         import ipywidgets as W
         desc = self.label or name
@@ -36,7 +43,8 @@ class Knob(BasicRepr):
                    description=desc, continuous_update=False)
 
 PANELS = []
-def register_panel(cls):
+def register_panel(cls, # a `Panel` subclass
+                  ):
     "Class decorator: make panel `cls` available to `explore`"
     if cls not in PANELS: PANELS.append(cls)
     return cls
@@ -57,7 +65,11 @@ def _inner(model, name:str, cls_name:str):
 class Panel:
     "Base class of explorer panels (see the text above)"
     title, params, static = 'panel', {}, []
-    def __init__(self, model, x, y, classes=None):
+    def __init__(self, model, # the model explored (put in eval mode)
+                 x, # a batch of images in [0, 1]
+                 y, # their labels
+                 classes=None, # class names (None: the class indices as strings)
+                ):
         self.model, self.x, self.y = model.eval(), x, y
         if classes is None:
             with torch.no_grad(): classes = [str(i) for i in range(model(x[:1]).shape[1])]
@@ -93,13 +105,21 @@ class StepsPanel(Panel):
     title = 'gradient steps'
     MODES = ('attack (true label)', 'reverse (predicted label)', 'reverse (true label, oracle)')
     static = [dict(mode=MODES[0], steps=0), dict(mode=MODES[0], steps=10, eps=0.1), dict(mode=MODES[2], steps=10, eps=0.1)]
-    def __init__(self, model, x, y, classes=None):
+    def __init__(self, model, # the classifier explored (put in eval mode)
+                 x, # a batch of images in [0, 1]
+                 y, # their labels
+                 classes=None, # class names (None: the class indices as strings)
+                ):
         super().__init__(model, x, y, classes)
         self.params = dict(image=Knob(0, 0, len(x)-1, 1), mode=Knob(self.MODES[1], options=self.MODES),
                            steps=Knob(5, 0, 20, 1), eps=Knob(0.05, 0.0, 0.3, 0.01))
         self.ra = _module('reverse_adversarial', 'reverse_pgd')
 
-    def perturb(self, image:int=0, mode:str=MODES[1], steps:int=5, eps:float=0.05):
+    def perturb(self, image:int=0, # index of the image in the batch
+                mode:str=MODES[1], # one of `MODES`: an attack, or a reverse example towards the predicted or the true label
+                steps:int=5, # number of gradient steps
+                eps:float=0.05, # radius of the L-infinity ball around the image
+               ):
         "The perturbed image `image` under `mode` with `steps` steps in the `eps` ball"
         if mode not in self.MODES: raise ValueError(f"mode must be one of {self.MODES}, not {mode!r}")
         xi, yi = self.x[image:image+1], self.y[image:image+1]
@@ -135,7 +155,12 @@ class SparsityPanel(Panel):
         admm = _module('admm', 'prune_mask', 'weight_layers')
         if admm is None or not admm.weight_layers(model): return None
         return cls(model, x, y, classes, admm)
-    def __init__(self, model, x, y, classes=None, admm=None):
+    def __init__(self, model, # the classifier explored (put in eval mode)
+                 x, # a batch of images in [0, 1]
+                 y, # their labels
+                 classes=None, # class names (None: the class indices as strings)
+                 admm=None, # the `corsd_suite.admm` module (its `prune_mask` and `weight_layers`), as `make` passes it
+                ):
         super().__init__(model, x, y, classes)
         self.admm, self.layers = admm, list(admm.weight_layers(model).items())
         big = max(range(len(self.layers)), key=lambda i: self.layers[i][1].weight.numel())
@@ -147,7 +172,9 @@ class SparsityPanel(Panel):
     def accuracy(self) -> float: return (self.model(self.x).argmax(1) == self.y).float().mean().item()
 
     @torch.no_grad()
-    def pruned(self, layer:int, sparsity:float):
+    def pruned(self, layer:int, # index of the layer among the panel's `layers`
+               sparsity:float, # fraction of the layer's weights set to zero, the smallest magnitudes first
+              ):
         "Accuracy on the batch and the mask with layer `layer` projected to `sparsity` (the model is restored after)"
         name, m = self.layers[layer]
         w = m.weight
@@ -183,7 +210,12 @@ class GlimpsePanel(Panel):
         mg = _module('mgnet', 'mgnet_of', 'glimpse_boxes')
         if mg is None or _inner(model, 'mgnet', 'MGNet') is None: return None
         return cls(model, x, y, classes, mg)
-    def __init__(self, model, x, y, classes=None, mg=None):
+    def __init__(self, model, # a model holding an `MGNet` (put in eval mode)
+                 x, # a batch of images in [0, 1]
+                 y, # their labels
+                 classes=None, # class names (None: the class indices as strings)
+                 mg=None, # the `corsd_suite.mgnet` module (its `mgnet_of` and `glimpse_boxes`), as `make` passes it
+                ):
         super().__init__(model, x, y, classes)
         self.mg, self.net = mg, mg.mgnet_of(model)
         with eval_mode(self.net), torch.no_grad(): self.net(x)
@@ -214,7 +246,11 @@ class ExitPanel(Panel):
     def make(cls, model, x, y, classes=None):
         m = _inner(model, 'corsd', 'MultiExitNet')
         return None if m is None else cls(m, x, y, classes)
-    def __init__(self, model, x, y, classes=None):
+    def __init__(self, model, # a `MultiExitNet` (put in eval mode)
+                 x, # a batch of images in [0, 1]
+                 y, # their labels
+                 classes=None, # class names (None: the class indices as strings)
+                ):
         super().__init__(model, x, y, classes)
         with torch.no_grad(): _, ex = model.exits(x)
         self.probs = [z.float().softmax(1) for z in ex['logits']]
@@ -251,7 +287,10 @@ def _fig_png(panel, vals, figsize) -> tuple:
 
 class Explorer:
     "Panels with their controls: widgets (`static=False`) or static matplotlib figures (`static=True`)"
-    def __init__(self, panels:list, static:bool=False, figsize=(9, 2.6)):
+    def __init__(self, panels:list, # the panels to show (built by their `make`)
+                 static:bool=False, # draw static matplotlib figures instead of widgets
+                 figsize=(9, 2.6), # size in inches of a panel's figure (of each of its rows when static)
+                ):
         if not panels: raise ValueError("no explorer panel applies to this model (see corsd_suite.widgets.PANELS)")
         self.panels, self.static, self.figsize = {p.title: p for p in panels}, static, figsize
         self.values = {t: p.defaults() for t, p in self.panels.items()}
@@ -274,14 +313,17 @@ class Explorer:
         self.values[title][name] = value
         if not self._holding: self.update(title)
 
-    def update(self, title:str) -> dict:
+    def update(self, title:str, # the panel's title (a key of `panels`)
+              ) -> dict:
         "Redraw panel `title` at its current values"
         png, res = _fig_png(self.panels[title], self.values[title], self.figsize)
         self.results[title] = res
         if title in self.images: self.images[title].value = png
         return res
 
-    def set(self, title:str, **vals) -> dict:
+    def set(self, title:str, # the panel's title (a key of `panels`)
+            **vals, # new values of its controls, by name
+           ) -> dict: # the panel's new results (what its `draw` returns)
         "Move the controls of panel `title` (as a user would: through the widgets when there are any); returns its new results"
         p = self.panels[title]
         for k in vals:
@@ -314,8 +356,16 @@ class Explorer:
         else: display(self.widget)
 
 # %% ../nbs/70_widgets.ipynb #01b3a4d9
-def explore(learn=None, model:nn.Module|None=None, x=None, y=None, classes=None, n:int=32, panels=None,
-            static:bool|None=None, figsize=(9, 2.6)) -> Explorer:
+def explore(learn=None, # a Learner: its model, a batch of its validation set and its vocabulary
+            model:nn.Module|None=None, # the model to explore when there is no `learn`
+            x=None, # a batch of images in [0, 1] (None: a batch of `learn`'s validation set)
+            y=None, # their labels
+            classes=None, # class names (None: `learn.dls.vocab`, else the class indices)
+            n:int=32, # use at most the first `n` images of the batch
+            panels=None, # the panel classes to try (None: every registered one, `PANELS`)
+            static:bool|None=None, # static figures instead of widgets (None: widgets where a frontend runs)
+            figsize=(9, 2.6), # size in inches of a panel's figure (of each of its rows when static)
+           ) -> Explorer:
     "Explore `learn` (or `model` on a batch `x`, `y`): one panel per method that applies, with sliders in Jupyter"
     if learn is not None:
         model = learn.model
