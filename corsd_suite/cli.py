@@ -71,8 +71,8 @@ def demo_estimate(names:list, # row names, as `select_rows` gives them
 def run_demo(quick:bool=True, # the quick schedules, else the full ones
              only:str|None=None, # run only rows whose name contains this
              names:list|None=None # run exactly these rows (default: `select_rows(only)`)
-            ) -> pd.DataFrame:
-    "Run the demo rows and return their table; on Ctrl-C, the rows already finished, with `attrs['interrupted']` set"
+            ): # no return annotation: pandas is imported lazily, and `show_doc` evaluates annotations
+    "Run the demo rows and return their table (a pandas `DataFrame`); on Ctrl-C, the rows already finished, with `attrs['interrupted']` set"
     import pandas as pd
     from corsd_suite.core import DEMO_ROWS
     names = select_rows(only) if names is None else names

@@ -42,7 +42,9 @@ class ImageSet(BasicRepr):
     @property
     def shape(self): return tuple(self.x.shape[1:])
     def __repr__(self): return f"ImageSet({self.name!r}, n={len(self)}, shape={self.shape}, classes={self.c})"
-    def subset(self, idxs, name=None):
+    def subset(self,
+               idxs, # integer indices of the items to keep
+               name=None): # the new set's name (default: this set's)
         "A new `ImageSet` with the items at `idxs`"
         idxs = torch.as_tensor(idxs, dtype=torch.long)
         return ImageSet(self.x[idxs], self.y[idxs], self.classes, name or self.name)
@@ -67,7 +69,9 @@ def check_dls_nonempty(dls, # fastai `DataLoaders` with `train_ds` and `valid_ds
     return dls
 
 # %% ../nbs/01_data.ipynb #6c2f2568
-def resize_images(x:torch.Tensor, size:int|tuple) -> torch.Tensor:
+def resize_images(x:torch.Tensor, # uint8 images, N×C×H×W
+                  size:int|tuple # target size in pixels: an int for square images, or (h, w)
+                 ) -> torch.Tensor:
     "Resize uint8 images (N×C×H×W) to `size` with antialiased bilinear interpolation, back to uint8"
     size = (size,size) if isinstance(size,int) else tuple(size)
     if tuple(x.shape[-2:]) == size: return x
@@ -75,12 +79,16 @@ def resize_images(x:torch.Tensor, size:int|tuple) -> torch.Tensor:
     return out.round_().clamp_(0,255).to(torch.uint8)
 
 @patch
-def resize(self:ImageSet, size) -> ImageSet:
+def resize(self:ImageSet,
+           size # target size in pixels: an int for square images, or (h, w)
+          ) -> ImageSet:
     "A copy of this set at `size` pixels"
     return ImageSet(resize_images(self.x, size), self.y, self.classes, self.name)
 
 @patch
-def to_channels(self:ImageSet, n:int) -> ImageSet:
+def to_channels(self:ImageSet,
+                n:int # channels wanted: 1 (colours averaged) or, from grey, any count (repeated)
+               ) -> ImageSet:
     "A copy with `n` channels (grey→RGB by repetition, RGB→grey by averaging)"
     c = self.x.shape[1]
     if c == n: return self
@@ -90,7 +98,8 @@ def to_channels(self:ImageSet, n:int) -> ImageSet:
     return ImageSet(x, self.y, self.classes, self.name)
 
 # %% ../nbs/01_data.ipynb #3407bd14
-def digits(size:int=8) -> ImageSet:
+def digits(size:int=8 # side of the square images in pixels (8: the original resolution)
+          ) -> ImageSet:
     "scikit-learn's 1,797 handwritten digits as an `ImageSet` at `size`×`size`"
     from sklearn.datasets import load_digits
     d = load_digits()
@@ -146,7 +155,8 @@ def _check_labels(y, n_images:int, n_classes:int, path, what='labels'):
     return torch.from_numpy(y.astype(np.int64))
 
 # %% ../nbs/01_data.ipynb #e1bcd8fb
-def read_idx(path) -> np.ndarray:
+def read_idx(path # an idx file, e.g. `MNIST/raw/train-images-idx3-ubyte`
+            ) -> np.ndarray:
     "Read an idx file (MNIST's format: 3 magic bytes, its number of dimensions, big-endian sizes, uint8 data), checking its length"
     path = Path(path)
     buf = bytearray(path.read_bytes())                       # FileNotFoundError when missing
@@ -319,7 +329,10 @@ def load_dataset(name:str, # mnist, fashion_mnist, usps, cifar10, cifar100 or sv
     return ds
 
 # %% ../nbs/01_data.ipynb #91963c3f
-def balanced_idxs(y:torch.Tensor, n_per_class:int, seed:int=0) -> torch.Tensor:
+def balanced_idxs(y:torch.Tensor, # integer labels, one per item
+                  n_per_class:int, # items to take from each class (no class may have fewer)
+                  seed:int=0 # seed of the random choice
+                 ) -> torch.Tensor:
     "Indices of `n_per_class` items per class of `y`, chosen by a seeded permutation, in sorted order"
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -330,13 +343,20 @@ def balanced_idxs(y:torch.Tensor, n_per_class:int, seed:int=0) -> torch.Tensor:
     return torch.cat(out).sort().values
 
 @patch
-def balanced(self:ImageSet, n_per_class:int, seed:int=0) -> ImageSet:
+def balanced(self:ImageSet,
+             n_per_class:int, # items to take from each class (no class may have fewer)
+             seed:int=0 # seed of the random choice
+            ) -> ImageSet:
     "A class-balanced subset with `n_per_class` items per class"
     return self.subset(balanced_idxs(self.y, n_per_class, seed))
 
 # %% ../nbs/01_data.ipynb #b697ac64
 @patch
-def split(self:ImageSet, pct:float=0.2, seed:int=0, stratify:bool=True):
+def split(self:ImageSet,
+          pct:float=0.2, # share of the items in the second part, strictly between 0 and 1
+          seed:int=0, # seed of the shuffle
+          stratify:bool=True # split each class separately, so both parts keep the class proportions
+         ):
     "Split into two non-empty `ImageSet`s, the second holding `pct` of the items (per class if `stratify`)"
     if not 0 < pct < 1: raise ValueError(f"split: pct must be between 0 and 1 (exclusive), got {pct}")
     g = torch.Generator().manual_seed(seed)
@@ -355,7 +375,10 @@ def split(self:ImageSet, pct:float=0.2, seed:int=0, stratify:bool=True):
 class CropFlip:
     "Batched random crop after zero padding by `pad`, and random horizontal flip if `flip` (any dtype)"
     uint8 = True  # cheaper on the stored uint8 batch: `TensorDL` applies it before float conversion
-    def __init__(self, pad:int=4, flip:bool=True): store_attr()
+    def __init__(self,
+                 pad:int=4, # zero padding in pixels on each side before the random crop back to size (0: no crop)
+                 flip:bool=True): # flip a random half of the images left-right
+        store_attr()
     def __call__(self, x:torch.Tensor) -> torch.Tensor:
         n,c,h,w = x.shape
         if self.pad:
@@ -372,7 +395,13 @@ class CropFlip:
 # %% ../nbs/01_data.ipynb #7ab8f8e4
 class TensorDL(DataLoader):
     "A fastai `DataLoader` over an `ImageSet` that gathers batches by index and augments them on the device"
-    def __init__(self, dataset:ImageSet=None, bs:int=64, shuffle:bool=False, augment=None, **kwargs):
+    def __init__(self,
+                 dataset:ImageSet=None, # the images to serve (required)
+                 bs:int=64, # batch size
+                 shuffle:bool=False, # a new random order every epoch
+                 augment=None, # a batch transform, e.g. `CropFlip()`: on the uint8 batch if its `uint8` is True, else on floats in [0, 1]
+                 **kwargs # passed to fastai's `DataLoader` (e.g. `device`, `drop_last`)
+                ):
         super().__init__(dataset, bs=bs, shuffle=shuffle, n=len(dataset), **kwargs)
         self.augment = augment
     def create_batches(self, samps):
@@ -417,14 +446,30 @@ def image_dls(train:ImageSet, # the training images
     return dls
 
 # %% ../nbs/01_data.ipynb #c9210297
-def digits_dls(size:int=16, bs:int=64, valid_pct:float=0.2, seed:int=0, n_channels:int=1, augment=None, device=None) -> DataLoaders:
+def digits_dls(size:int=16, # side of the square images in pixels
+               bs:int=64, # training batch size (validation: 2×`bs`)
+               valid_pct:float=0.2, # share of each class held out for validation, strictly between 0 and 1
+               seed:int=0, # seed of the train/valid split
+               n_channels:int=1, # 1 (grey) or more (grey repeated, e.g. 3 for RGB models)
+               augment=None, # a batch augmentation for training batches, e.g. `CropFlip()`
+               device=None # None: `best_device()`
+              ) -> DataLoaders:
     "The embedded default: scikit-learn's digits at `size`, split into train/valid, as fastai `DataLoaders`"
     tr,va = digits(size).to_channels(n_channels).split(valid_pct, seed)
     return image_dls(tr, va, bs=bs, augment=augment, device=device)
 
 # %% ../nbs/01_data.ipynb #74f120d6
-def dataset_dls(name:str, root=None, n_per_class:int|None=None, size=None, n_channels:int|None=None, bs:int=128,
-                augment=None, seed:int=0, valid:str|float='test', device=None) -> DataLoaders:
+def dataset_dls(name:str, # mnist, fashion_mnist, usps, cifar10, cifar100 or svhn
+                root=None, # the data folder; None: `$CORSD_DATA`
+                n_per_class:int|None=None, # a class-balanced training subset of this many per class (None: all)
+                size=None, # resize the images to `size` (an int or (h, w)); None: as stored
+                n_channels:int|None=None, # convert to this many channels (1 or 3); None: as stored
+                bs:int=128, # training batch size (validation: 2×`bs`)
+                augment=None, # a batch augmentation for training batches, e.g. `CropFlip()`
+                seed:int=0, # seed of the balanced subset and of a held-out split
+                valid:str|float='test', # 'test': the test split; a fraction: that share of train held out (stratified)
+                device=None # None: `best_device()`
+               ) -> DataLoaders:
     "`DataLoaders` for a real dataset: optional balanced training subset; `valid` is 'test' or a fraction held out of train"
     tr = load_dataset(name, root, True, size=size, n_channels=n_channels)
     if isinstance(valid, str):
@@ -472,7 +517,13 @@ def _paste_max(out, patch, y, x):
     region = out[ii,:,rows,cols]                                   # N×h×w×C
     out[ii,:,rows,cols] = torch.maximum(region, patch.permute(0,2,3,1))
 
-def cluttered(ds:ImageSet, canvas:int=60, n_clutter:int=4, clutter_size:int=8, seed:int=0, return_boxes:bool=False):
+def cluttered(ds:ImageSet, # the images to place, e.g. `digits(16)`
+              canvas:int=60, # side of the square frame in pixels, at least the image side
+              n_clutter:int=4, # clutter patches per frame, cut from other images of `ds` (0: none)
+              clutter_size:int=8, # side of a clutter patch in pixels, at most the image side
+              seed:int=0, # seed of the positions and of the clutter sources
+              return_boxes:bool=False # also return each image's box (x0, y0, x1, y1) in pixels
+             ):
     "Each image of `ds` at a random place on a `canvas`×`canvas` frame with `n_clutter` patches cut from other images"
     c,h,w = ds.shape
     if canvas < max(h,w): raise ValueError(f"canvas={canvas} is smaller than the images ({h}×{w})")
@@ -514,7 +565,9 @@ def _gauss_kernel(sigma):
     k = torch.exp(-torch.arange(-r, r+1, dtype=torch.float)**2 / (2*sigma**2))
     return k / k.sum()
 
-def gaussian_blur(x:torch.Tensor, sigma:float) -> torch.Tensor:
+def gaussian_blur(x:torch.Tensor, # float images, N×C×H×W
+                  sigma:float # the Gaussian's standard deviation in pixels (> 0)
+                 ) -> torch.Tensor:
     "Separable Gaussian blur of float images `x` (N×C×H×W) with std `sigma` pixels, reflect padding"
     k = _gauss_kernel(sigma).to(x)
     c, r = x.shape[1], len(k)//2
@@ -555,7 +608,11 @@ def _tfm_float(x, name, p, g):
     if name == 'brightness': return x + p
     if name == 'occlusion': return _occlude(x, p, g)
 
-def unseen_transform(x:torch.Tensor, name:str, severity:int=2, seed:int=0) -> torch.Tensor:
+def unseen_transform(x:torch.Tensor, # uint8 images, N×C×H×W
+                     name:str, # a key of `UNSEEN_TRANSFORMS`, e.g. 'rotation'
+                     severity:int=2, # 1, 2 or 3: which of the transformation's three strengths
+                     seed:int=0 # seed of the random parts (elastic field, noise, occlusion place)
+                    ) -> torch.Tensor:
     "Apply the unseen transformation `name` at `severity` (1–3) to uint8 images `x` (N×C×H×W), deterministically"
     if name not in UNSEEN_TRANSFORMS: raise ValueError(f"unknown transformation {name!r}; choose one of {list(UNSEEN_TRANSFORMS)}")
     if severity not in (1,2,3): raise ValueError(f"severity must be 1, 2 or 3, got {severity!r}")
@@ -567,11 +624,19 @@ def unseen_transform(x:torch.Tensor, name:str, severity:int=2, seed:int=0) -> to
 
 # %% ../nbs/01_data.ipynb #7a2322bf
 @patch
-def transformed(self:ImageSet, name:str, severity:int=2, seed:int=0) -> ImageSet:
+def transformed(self:ImageSet,
+                name:str, # a key of `UNSEEN_TRANSFORMS`, e.g. 'rotation'
+                severity:int=2, # 1, 2 or 3: which of the transformation's three strengths
+                seed:int=0 # seed of the random parts (elastic field, noise, occlusion place)
+               ) -> ImageSet:
     "A copy of this set with the unseen transformation `name` at `severity` applied (deterministic in `seed`)"
     return ImageSet(unseen_transform(self.x, name, severity, seed), self.y, self.classes, f'{self.name}|{name}{severity}')
 
-def unseen_suite(ds:ImageSet, names=None, severities=(2,), seed:int=0) -> dict:
+def unseen_suite(ds:ImageSet, # the images to transform
+                 names=None, # transformation names (default: every key of `UNSEEN_TRANSFORMS`)
+                 severities=(2,), # severities to apply, each 1, 2 or 3
+                 seed:int=0 # seed passed to every transformation
+                ) -> dict:
     "Dict `(name, severity) -> transformed ImageSet` over `names` (default: all of `UNSEEN_TRANSFORMS`)"
     names = list(UNSEEN_TRANSFORMS) if names is None else list(names)
     return {(n,s): ds.transformed(n, s, seed) for n in names for s in severities}

@@ -6,7 +6,7 @@ Docs: https://corsd-suite.github.io/corsd_suite/evaluate.html.md"""
 
 # %% ../nbs/03_evaluate.ipynb #8e3a0c79
 from __future__ import annotations
-import hashlib, math
+import hashlib, math, os
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from torch import nn
@@ -22,18 +22,26 @@ __all__ = ['CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'eval_mode', 'pbar', 'evaluate_ac
 # %% ../nbs/03_evaluate.ipynb #3ada7d80
 class eval_mode:
     "Context manager: put `m` in eval mode, restore its previous mode on exit"
-    def __init__(self, m:nn.Module): self.m = m
+    def __init__(self, m:nn.Module): # the module to switch to eval mode for the block
+        self.m = m
     def __enter__(self): self.was = self.m.training; self.m.eval(); return self.m
     def __exit__(self, *args): self.m.train(self.was)
 
-def pbar(items, comment:str='', show:bool=True):
+def pbar(items, # what to iterate over
+         comment:str='', # label shown next to the bar
+         show:bool=True # False: return `items` unchanged, no bar
+        ):
     "A fastprogress bar over `items` labelled `comment` (plain `items` when `show` is False)"
     if not show: return items
     pb = progress_bar(items, leave=False); pb.comment = comment
     return pb
 
 # %% ../nbs/03_evaluate.ipynb #388af2a9
-def evaluate_accuracy(model:nn.Module, dl, tfm=None, show:bool=True) -> float:
+def evaluate_accuracy(model:nn.Module, # classifier returning logits
+                      dl, # (x, y) batches, e.g. a fastai `DataLoader`
+                      tfm=None, # `tfm(x, y) -> x` applied to each batch on the model's device (e.g. an attack)
+                      show:bool=True # show a progress bar
+                     ) -> float:
     "Top-1 accuracy of `model` over `dl`, after applying `tfm(x, y)` to each batch if given"
     dev, correct, n = model_device(model), 0, 0
     with eval_mode(model):
@@ -62,8 +70,18 @@ def _random_start(x, eps, norm):
     return d * r * eps
 
 # %% ../nbs/03_evaluate.ipynb #68c9bafa
-def grad_steps(model:nn.Module, x:torch.Tensor, y:torch.Tensor, eps:float, steps:int=10, step_size:float|None=None,
-               norm:str='linf', sign:int=1, rand_init:bool=False, loss_fn=None, bounds=(0.,1.)) -> torch.Tensor:
+def grad_steps(model:nn.Module, # classifier in pixel space, returning logits
+               x:torch.Tensor, # float images, N×C×H×W, with values within `bounds`
+               y:torch.Tensor, # the labels `loss_fn` compares the logits with
+               eps:float, # radius of the `norm` ball around `x` (pixel units, e.g. 8/255); 0: `x` unchanged
+               steps:int=10, # number of gradient steps; 0: `x` unchanged
+               step_size:float|None=None, # length of each step; None: 2.5×`eps`/`steps`
+               norm:str='linf', # 'linf' (sign steps, box projection) or 'l2'
+               sign:int=1, # 1 ascends the loss (an attack), -1 descends it (a reverse attack)
+               rand_init:bool=False, # start from a random point of the ball instead of `x`
+               loss_fn=None, # `loss_fn(logits, y)`, a scalar; None: cross-entropy summed over the batch
+               bounds=(0.,1.) # (low, high) pixel values every iterate is clipped to
+              ) -> torch.Tensor:
     "Projected gradient steps that ascend (`sign=1`) or descend (`sign=-1`) `loss_fn(model(x'), y)` within the `norm` ball of `eps`"
     if norm not in ('linf','l2'): raise ValueError(f"norm must be 'linf' or 'l2', not {norm!r}")
     check_images(x, what='grad_steps input')
@@ -83,11 +101,26 @@ def grad_steps(model:nn.Module, x:torch.Tensor, y:torch.Tensor, eps:float, steps
     return (x + delta).detach()
 
 # %% ../nbs/03_evaluate.ipynb #0301e15a
-def fgsm(model, x, y, eps:float, **kwargs):
+def fgsm(model, # classifier in pixel space, returning logits
+         x, # float images, N×C×H×W
+         y, # their labels
+         eps:float, # the step, the L∞ radius (pixel units, e.g. 8/255)
+         **kwargs # passed to `grad_steps` (e.g. `sign`, `loss_fn`, `bounds`)
+        ):
     "Fast gradient sign method: one L∞ step of size `eps`"
     return grad_steps(model, x, y, eps, steps=1, step_size=eps, norm='linf', **kwargs)
 
-def pgd(model, x, y, eps:float, steps:int=10, step_size:float|None=None, norm:str='linf', restarts:int=1, rand_init:bool=True, **kwargs):
+def pgd(model, # classifier in pixel space, returning logits
+        x, # float images, N×C×H×W
+        y, # their labels
+        eps:float, # radius of the `norm` ball (pixel units, e.g. 8/255)
+        steps:int=10, # gradient steps per restart
+        step_size:float|None=None, # length of each step; None: 2.5×`eps`/`steps`
+        norm:str='linf', # 'linf' or 'l2'
+        restarts:int=1, # attacks to run; an image still classified correctly takes the next one's result
+        rand_init:bool=True, # start each restart from a random point of the ball
+        **kwargs # passed to `grad_steps` (e.g. `loss_fn`, `bounds`)
+       ):
     "PGD attack; with `restarts`>1 keeps, per image, the first restart that fools the model"
     best = grad_steps(model, x, y, eps, steps, step_size, norm, rand_init=rand_init, **kwargs)
     for _ in range(restarts-1):
@@ -98,7 +131,13 @@ def pgd(model, x, y, eps:float, steps:int=10, step_size:float|None=None, norm:st
     return best
 
 # %% ../nbs/03_evaluate.ipynb #1a3471dc
-def attack_accuracy(model:nn.Module, dl, eps_list=(0., 0.05, 0.1, 0.2, 0.3), attack:str='pgd', show:bool=True, **kwargs) -> pd.DataFrame:
+def attack_accuracy(model:nn.Module, # classifier in pixel space, returning logits
+                    dl, # (x, y) batches, e.g. a fastai `DataLoader`
+                    eps_list=(0., 0.05, 0.1, 0.2, 0.3), # radii to attack at (0: clean accuracy)
+                    attack:str='pgd', # 'pgd' or 'fgsm'
+                    show:bool=True, # show a progress bar over the radii
+                    **kwargs # passed to the attack (e.g. `steps`, `norm`); numbers and strings are also columns of the table
+                   ) -> pd.DataFrame:
     "Accuracy of `model` on `dl` under `attack` ('pgd' or 'fgsm') at each eps, as a DataFrame"
     fn = dict(pgd=pgd, fgsm=fgsm)[attack]
     rows = []
@@ -113,7 +152,12 @@ CORRUPTIONS = ['gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 
 EXTRA_CORRUPTIONS = ['speckle_noise', 'gaussian_blur', 'spatter', 'saturate']
 
 # %% ../nbs/03_evaluate.ipynb #1675eff7
-def corrupt_images(x:torch.Tensor, name:str, severity:int, seed:int=0, show:bool=False) -> torch.Tensor:
+def corrupt_images(x:torch.Tensor, # uint8 images, N×C×H×W, 1 or 3 channels (sides under 32 are upsampled for it, then back)
+                   name:str, # one of `CORRUPTIONS` or `EXTRA_CORRUPTIONS`
+                   severity:int, # 1 (mild) to 5 (strong)
+                   seed:int=0, # seed of the random corruptions (it reseeds numpy's global generator)
+                   show:bool=False # show a progress bar over the images
+                  ) -> torch.Tensor:
     "Apply corruption `name` at `severity` (1–5) to uint8 images `x` (N×C×H×W), deterministically"
     try: from imagecorruptions import corrupt
     except ImportError as e: raise ImportError("common corruptions need the `robust` extra: pip install 'corsd_suite[robust]'") from e
@@ -134,19 +178,47 @@ def corrupt_images(x:torch.Tensor, name:str, severity:int, seed:int=0, show:bool
     return resize_images(out, size) if small else out
 
 # %% ../nbs/03_evaluate.ipynb #737eec2d
-def corruption_set(x:torch.Tensor, names=CORRUPTIONS, severities=(1,2,3,4,5), seed:int=0, cache_dir=None, show:bool=True) -> dict:
+def _load_cache(path:Path|None) -> dict:
+    "The cached corruptions in `path` ({} when there is none), read weights-only: a cache file cannot run code"
+    if path is None or not path.exists(): return {}
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable corruption cache ({type(e).__name__}); delete it to recompute") from e
+
+def _save_atomic(obj, path:Path):
+    "`torch.save` to a temporary file next to `path`, renamed into place when complete"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try: torch.save(obj, tmp); os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
+def corruption_set(x:torch.Tensor, # uint8 images, N×C×H×W
+                   names=CORRUPTIONS, # corruption names (default: the 15 of `CORRUPTIONS`)
+                   severities=(1,2,3,4,5), # severities to compute, each 1 to 5
+                   seed:int=0, # seed of the random corruptions
+                   cache_dir=None, # folder to keep the corrupted images in, keyed by the images and `seed`; None: no cache
+                   show:bool=True # show a progress bar over what is computed
+                  ) -> dict:
     "Dict `(name, severity) -> corrupted uint8 images`, computed once and cached in `cache_dir` if given"
     key = hashlib.md5(x.cpu().numpy().tobytes()).hexdigest()[:12]
     path = Path(cache_dir)/f'corrupt_{key}_s{seed}.pt' if cache_dir else None
-    cache = torch.load(path) if path is not None and path.exists() else {}
+    cache = _load_cache(path)
     todo = [(n,s) for n in names for s in severities if (n,s) not in cache]
     for n,s in pbar(todo, 'corrupting', show and bool(todo)): cache[(n,s)] = corrupt_images(x, n, s, seed)
-    if path is not None and todo: path.parent.mkdir(parents=True, exist_ok=True); torch.save(cache, path)
+    if path is not None and todo: _save_atomic(cache, path)
     return {(n,s): cache[(n,s)] for n in names for s in severities}
 
 # %% ../nbs/03_evaluate.ipynb #ecfd162b
-def corruption_accuracy(model:nn.Module, x:torch.Tensor, y:torch.Tensor, names=CORRUPTIONS, severities=(1,2,3,4,5),
-                        bs:int=256, seed:int=0, cache_dir=None, show:bool=True) -> pd.DataFrame:
+def corruption_accuracy(model:nn.Module, # classifier in pixel space, returning logits
+                        x:torch.Tensor, # uint8 images, N×C×H×W
+                        y:torch.Tensor, # their labels
+                        names=CORRUPTIONS, # corruption names (default: the 15 of `CORRUPTIONS`)
+                        severities=(1,2,3,4,5), # severities, each 1 to 5
+                        bs:int=256, # evaluation batch size
+                        seed:int=0, # seed of the random corruptions
+                        cache_dir=None, # folder caching the corrupted images (see `corruption_set`); None: no cache
+                        show:bool=True # show a progress bar while corrupting
+                       ) -> pd.DataFrame:
     "Accuracy of `model` on uint8 images `x` under each corruption and severity, as a DataFrame"
     sets = corruption_set(x, names, severities, seed, cache_dir, show)
     dl = lambda xs: [(xs[i:i+bs].float()/255, y[i:i+bs]) for i in range(0, len(y), bs)]
@@ -154,7 +226,10 @@ def corruption_accuracy(model:nn.Module, x:torch.Tensor, y:torch.Tensor, names=C
     return pd.DataFrame(rows)
 
 # %% ../nbs/03_evaluate.ipynb #edebf8a5
-def count_flops(model:nn.Module, input_shape=(3,32,32), x:torch.Tensor|None=None) -> dict:
+def count_flops(model:nn.Module, # the model to run once
+                input_shape=(3,32,32), # one image's shape (C, H, W), for a random input
+                x:torch.Tensor|None=None # a batch to run instead (FLOPs are per image of it)
+               ) -> dict:
     "FLOPs and MACs per image of one forward pass of `model` on an input of `input_shape` (or on batch `x`)"
     from torch.utils.flop_counter import FlopCounterMode
     if x is None: x = torch.rand(1, *input_shape, device=model_device(model))

@@ -26,19 +26,25 @@ __all__ = ['GLIMPSE_BN', 'CLUTTER_GLIMPSES', 'glimpse_theta', 'take_glimpse', 'g
            'mgnet_flops', 'mgnet_row']
 
 # %% ../nbs/20_mgnet.ipynb #9faa45d5
-def glimpse_theta(p:torch.Tensor) -> torch.Tensor:
+def glimpse_theta(p:torch.Tensor # glimpse parameters (scale, tx, ty), N×3, in normalised coordinates ([-1, 1] spans the image)
+                 ) -> torch.Tensor:
     "Affine matrices (N×2×3) of isotropic glimpse parameters `p` = (scale, tx, ty), N×3"
     s,tx,ty = p.unbind(-1)
     z = torch.zeros_like(s)
     return torch.stack([torch.stack([s,z,tx], -1), torch.stack([z,s,ty], -1)], -2)
 
-def take_glimpse(x:torch.Tensor, p:torch.Tensor, size:int) -> torch.Tensor:
+def take_glimpse(x:torch.Tensor, # images, N×C×H×W
+                 p:torch.Tensor, # glimpse parameters (scale, tx, ty), N×3; (1, 0, 0) is the whole image
+                 size:int # side of the square glimpse in pixels
+                ) -> torch.Tensor:
     "Crop and resample images `x` to `size`×`size` at glimpse parameters `p` (affine grid + bilinear grid sample)"
     with torch.autocast(x.device.type, enabled=False):   # sampling in float32 under mixed precision
         grid = F.affine_grid(glimpse_theta(p.float()), (len(x), x.shape[1], size, size), align_corners=True)
         return F.grid_sample(x.float(), grid, mode='bilinear', padding_mode='zeros', align_corners=True)
 
-def glimpse_boxes(p:torch.Tensor, img_size:int) -> torch.Tensor:
+def glimpse_boxes(p:torch.Tensor, # glimpse parameters (scale, tx, ty), N×3
+                  img_size:int # side of the square image in pixels
+                 ) -> torch.Tensor:
     "Pixel boxes (x0, y0, x1, y1) on an `img_size` image of glimpse parameters `p`"
     s,tx,ty = p.float().unbind(-1)
     px = lambda c: (c + 1) / 2 * (img_size - 1)
@@ -177,13 +183,17 @@ class MGNet(nn.Module):
         return logits[-1]
 
 # %% ../nbs/20_mgnet.ipynb #6f85b2bb
-def mgnet_of(m:nn.Module) -> MGNet:
+def mgnet_of(m:nn.Module # an `MGNet`, or a wrapper holding it as `.module`
+            ) -> MGNet:
     "The `MGNet` inside `m` (through fastai/DDP wrappers that hold it as `.module`)"
     m = unwrap(m, MGNet)
     if not isinstance(m, MGNet): raise TypeError(f"expected an MGNet, got {type(m).__name__}")
     return m
 
-def check_labels(y:torch.Tensor, n_classes:int, what:str='model'):
+def check_labels(y:torch.Tensor, # integer labels
+                 n_classes:int, # the model's number of classes
+                 what:str='model' # what has `n_classes` classes, for the error message
+                ):
     "Raise a `ValueError` if integer labels `y` fall outside `0..n_classes-1` (a class-count mismatch)"
     if y.numel() and (y.min() < 0 or y.max() >= n_classes):
         raise ValueError(f"labels range {int(y.min())}..{int(y.max())} but the {what} has {n_classes} classes: "
@@ -224,7 +234,8 @@ class MultiGlimpseLoss:
 
 class GlimpseAccuracy(Metric):
     "Accuracy of the classifier after glimpse `t` (0-based) of the learner's MGNet"
-    def __init__(self, t:int): self.t = t
+    def __init__(self, t:int): # the glimpse, 0-based (0: the first, `n_glimpses-1`: the last)
+        self.t = t
     def reset(self): self.correct, self.n = 0, 0
     def accumulate(self, learn):
         l, y = mgnet_of(learn.model).trace['logits'][self.t], learn.yb[0]
@@ -235,12 +246,14 @@ class GlimpseAccuracy(Metric):
     def name(self): return f'acc_g{self.t+1}'
 
 # %% ../nbs/20_mgnet.ipynb #f8679c5c
-def mgnet_splitter(m:nn.Module) -> list:
+def mgnet_splitter(m:nn.Module # an `MGNet` (or a wrapper holding it)
+                  ) -> list:
     "fastai splitter: backbone body, then the fusion and heads"
     m = mgnet_of(m)
     return [params(m.body), [p for n,p in m.named_parameters() if not n.startswith('body.')]]
 
-def check_dls(dls):
+def check_dls(dls # fastai `DataLoaders` to check
+             ):
     "Raise a `ValueError` naming the split if `dls` has an empty train or valid set, or a train loader with no batch"
     for name, dl in (('train', dls.train), ('valid', dls.valid)):
         ds = getattr(dl, 'dataset', None)
@@ -286,6 +299,15 @@ def mgnet_learner(dls, # `DataLoaders` of images with a class count `c` (e.g. `c
 # %% ../nbs/20_mgnet.ipynb #f8c519c6
 class CheckedCrossEntropy(CrossEntropyLossFlat):
     "fastai's flattened cross-entropy that names a class-count mismatch instead of an index error"
+    def __init__(self,
+                 *args, # passed to `nn.CrossEntropyLoss`
+                 axis:int=-1, # the class axis of the predictions
+                 weight=None, # a weight per class (a tensor of `c` floats); None: equal weights
+                 ignore_index:int=-100, # a target value that counts for nothing
+                 reduction:str='mean', # 'mean', 'sum' or 'none'
+                 **kwargs # passed to fastai's `BaseLoss` (flatten, floatify, is_2d)
+                ):
+        super().__init__(*args, axis=axis, weight=weight, ignore_index=ignore_index, reduction=reduction, **kwargs)
     def __call__(self, inp, targ, **kwargs):
         return super().__call__(inp, check_labels(targ, inp.shape[self.axis], 'model'), **kwargs)
 
@@ -317,7 +339,11 @@ def cluttered_digits_dls(canvas:int=32, # side of the cluttered frame
     return image_dls(tr, va, bs=bs, device=device)
 
 # %% ../nbs/20_mgnet.ipynb #259a1251
-def show_glimpses(learn, n:int=4, dl=None, figsize_scale:float=1.6):
+def show_glimpses(learn, # a `Learner` whose model is an `MGNet`
+                  n:int=4, # images to show, at most a batch
+                  dl=None, # the `DataLoader` to take them from; None: `learn.dls.valid`
+                  figsize_scale:float=1.6 # inches per panel
+                 ):
     "Plot `n` images with each glimpse's box, and each glimpse with its predicted class and confidence"
     import matplotlib.pyplot as plt
     dl = dl or learn.dls.valid
@@ -381,14 +407,18 @@ def cluttered_natural(ds, # `ImageSet` of (RGB) images, e.g. `load_dataset('cifa
     return (res, torch.stack([x0, y0, x0+w, y0+h], 1)) if return_boxes else res
 
 # %% ../nbs/20_mgnet.ipynb #e244b7c7
-def mgnet_flops(model:nn.Module, backbone:nn.Module, input_shape) -> dict:
+def mgnet_flops(model:nn.Module, # an `MGNet` (or a wrapper holding it)
+                backbone:nn.Module, # the single-pass model to compare with
+                input_shape # one image's shape (C, H, W)
+               ) -> dict:
     "FLOPs per image of `model` (an MGNet) and of the single-pass `backbone` on `input_shape`, and their ratio"
     mg, bb = count_flops(mgnet_of(model), input_shape)['flops'], count_flops(backbone, input_shape)['flops']
     return dict(mgnet_flops=mg, backbone_flops=bb, ratio=mg/bb)
 
 # %% ../nbs/20_mgnet.ipynb #53a1a9c6
 @demo_row('MGNet', order=20)
-def mgnet_row(quick:bool=True) -> dict:
+def mgnet_row(quick:bool=True # the quick schedule (4 epochs), else the full one (12)
+             ) -> dict:
     "MGNet (3 glimpses, d=2, scales 0.3-0.7) vs the same ResNet-8 (half width) on the full frame, on cluttered digits"
     import tempfile
     from corsd_suite.evaluate import corruption_accuracy, CORRUPTIONS

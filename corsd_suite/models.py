@@ -24,7 +24,9 @@ __all__ = ['MODELS', 'Normalize', 'StagedNet', 'staged_splitter', 'pool_head', '
 # %% ../nbs/02_models.ipynb #a12eba6b
 class Normalize(nn.Module):
     "Normalise pixel-space images with per-channel `mean` and `std`"
-    def __init__(self, mean, std):
+    def __init__(self,
+                 mean, # per-channel means of the pixels in [0, 1], e.g. `dls.stats[0]`
+                 std): # per-channel standard deviations, e.g. `dls.stats[1]`
         super().__init__()
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float).view(1,-1,1,1))
         self.register_buffer('std', torch.tensor(std, dtype=torch.float).view(1,-1,1,1))
@@ -34,7 +36,11 @@ class Normalize(nn.Module):
 # %% ../nbs/02_models.ipynb #fde7a4bf
 class StagedNet(nn.Module):
     "A classifier made of `norm`, `stem`, ordered `stages` and a `head`"
-    def __init__(self, stem:nn.Module, stages:list, head:nn.Module, stats=None):
+    def __init__(self,
+                 stem:nn.Module, # layers before the first stage (`nn.Identity()` for none)
+                 stages:list, # the ordered stages (modules), ending at the last feature map
+                 head:nn.Module, # classifier on the last stage's output
+                 stats=None): # (mean, std) per channel for a `Normalize` first layer; None: no normalisation
         super().__init__()
         self.norm = Normalize(*stats) if stats is not None else nn.Identity()
         self.stem, self.stages, self.head = stem, nn.ModuleList(stages), head
@@ -48,24 +54,37 @@ class StagedNet(nn.Module):
     def body(self) -> nn.Sequential: return nn.Sequential(self.norm, self.stem, *self.stages)
 
 # %% ../nbs/02_models.ipynb #59892a83
-def staged_splitter(m:nn.Module) -> list:
+def staged_splitter(m:nn.Module # a `StagedNet` (or a wrapper holding it)
+                   ) -> list:
     "fastai splitter: body parameters, then head parameters"
     m = unwrap(m, 'head')
     return [params(m.norm)+params(m.stem)+params(m.stages), params(m.head)]
 
 # %% ../nbs/02_models.ipynb #f37e6d25
-def pool_head(n_in:int, n_out:int) -> nn.Sequential:
+def pool_head(n_in:int, # channels of the feature map
+              n_out:int # number of classes
+             ) -> nn.Sequential:
     "Global average pooling, then a linear classifier"
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(n_in, n_out))
 
-def conv_bn(ni, nf, ks=3, stride=1, groups=1, act=True) -> nn.Sequential:
+def conv_bn(ni, # input channels
+            nf, # output channels
+            ks=3, # kernel size (padding `ks//2` keeps the size at stride 1)
+            stride=1, # convolution stride
+            groups=1, # convolution groups (`ni` for a depthwise convolution)
+            act=True # end with a ReLU
+           ) -> nn.Sequential:
     "Convolution without bias, BatchNorm, and ReLU if `act`"
     layers = [nn.Conv2d(ni, nf, ks, stride, ks//2, groups=groups, bias=False), nn.BatchNorm2d(nf)]
     if act: layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 # %% ../nbs/02_models.ipynb #cb41ea17
-def lenet5(n_in:int=1, n_out:int=10, stats=None, size:int=28) -> StagedNet:
+def lenet5(n_in:int=1, # input channels
+           n_out:int=10, # number of classes
+           stats=None, # (mean, std) per channel to normalise inputs with; None: none
+           size:int=28 # side of the square input images in pixels (at least 16)
+          ) -> StagedNet:
     "LeNet-5 in the Caffe shape (conv 20, conv 50, fc 500, fc `n_out`) for `size`×`size` inputs"
     s = ((size - 4)//2 - 4)//2
     stages = [nn.Sequential(nn.Conv2d(n_in, 20, 5), nn.MaxPool2d(2)),
@@ -74,7 +93,9 @@ def lenet5(n_in:int=1, n_out:int=10, stats=None, size:int=28) -> StagedNet:
     return StagedNet(nn.Identity(), stages, head, stats)
 
 # %% ../nbs/02_models.ipynb #165ba060
-def count_params(m:nn.Module, weights_only:bool=False) -> int:
+def count_params(m:nn.Module, # the model
+                 weights_only:bool=False # count only conv and linear weights
+                ) -> int:
     "Number of parameters of `m`; with `weights_only`, only conv/linear weights (no biases, no norms)"
     if not weights_only: return sum(p.numel() for p in m.parameters())
     return sum(l.weight.numel() for l in m.modules() if isinstance(l, (nn.Conv2d, nn.Linear)))
@@ -82,7 +103,10 @@ def count_params(m:nn.Module, weights_only:bool=False) -> int:
 # %% ../nbs/02_models.ipynb #cc184fba
 class BasicBlock(nn.Module):
     "Two 3×3 conv-BN layers with an identity (or 1×1 projection) shortcut"
-    def __init__(self, ni, nf, stride=1):
+    def __init__(self,
+                 ni, # input channels
+                 nf, # output channels
+                 stride=1): # stride of the first conv (2 halves the size)
         super().__init__()
         self.convs = nn.Sequential(conv_bn(ni, nf, 3, stride), conv_bn(nf, nf, 3, act=False))
         self.short = nn.Identity() if stride==1 and ni==nf else conv_bn(ni, nf, 1, stride, act=False)
@@ -96,7 +120,12 @@ def _res_stages(widths, n_blocks, ni):
     return stages
 
 # %% ../nbs/02_models.ipynb #da9db1a8
-def cifar_resnet(depth:int=20, n_in:int=3, n_out:int=10, width:float=1., stats=None) -> StagedNet:
+def cifar_resnet(depth:int=20, # number of layers, 6n+2 (8, 20, 32, 56, ...)
+                 n_in:int=3, # input channels
+                 n_out:int=10, # number of classes
+                 width:float=1., # channel multiplier of 16/32/64
+                 stats=None # (mean, std) per channel to normalise inputs with; None: none
+                ) -> StagedNet:
     "CIFAR ResNet of `depth` = 6n+2 (8, 20, 32, 56, ...), channels 16/32/64 × `width`"
     if (depth-2) % 6: raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     w = [int(round(c*width)) for c in (16,32,64)]
@@ -108,13 +137,21 @@ def resnet32(**kw): return cifar_resnet(32, **kw)
 def resnet56(**kw): return cifar_resnet(56, **kw)
 
 # %% ../nbs/02_models.ipynb #ae54a6c3
-def resnet18(n_in:int=3, n_out:int=10, width:float=1., stats=None) -> StagedNet:
+def resnet18(n_in:int=3, # input channels
+             n_out:int=10, # number of classes
+             width:float=1., # channel multiplier of 64/128/256/512
+             stats=None # (mean, std) per channel to normalise inputs with; None: none
+            ) -> StagedNet:
     "CIFAR ResNet-18: 3×3 stem and four stages of two blocks, 64–512 channels × `width`"
     w = [int(round(c*width)) for c in (64,128,256,512)]
     return StagedNet(conv_bn(n_in, w[0]), _res_stages(w, [2]*4, w[0]), pool_head(w[-1], n_out), stats)
 
 # %% ../nbs/02_models.ipynb #3deab5d4
-def vgg16_bn(n_in:int=3, n_out:int=10, stats=None, width:float=1.) -> StagedNet:
+def vgg16_bn(n_in:int=3, # input channels
+             n_out:int=10, # number of classes
+             stats=None, # (mean, std) per channel to normalise inputs with; None: none
+             width:float=1. # channel multiplier of 64 to 512
+            ) -> StagedNet:
     "CIFAR VGG-16 with BatchNorm: five conv stages each ending in max-pool, linear classifier"
     cfg = [[64,64],[128,128],[256,256,256],[512,512,512],[512,512,512]]
     stages, ni = [], n_in
@@ -128,7 +165,11 @@ def vgg16_bn(n_in:int=3, n_out:int=10, stats=None, width:float=1.) -> StagedNet:
 # %% ../nbs/02_models.ipynb #1e30e616
 class InvertedResidual(nn.Module):
     "MobileNetV2 block: 1×1 expansion, 3×3 depthwise, 1×1 linear projection, residual when shapes match"
-    def __init__(self, ni, nf, stride, expand):
+    def __init__(self,
+                 ni, # input channels
+                 nf, # output channels
+                 stride, # stride of the depthwise conv (1 or 2)
+                 expand): # expansion factor of the hidden channels (1: no expansion conv)
         super().__init__()
         hid = ni*expand
         layers = ([conv_bn(ni, hid, 1)] if expand != 1 else []) + [conv_bn(hid, hid, 3, stride, groups=hid), conv_bn(hid, nf, 1, act=False)]
@@ -136,7 +177,11 @@ class InvertedResidual(nn.Module):
     def forward(self, x): return x + self.conv(x) if self.res else self.conv(x)
 
 # %% ../nbs/02_models.ipynb #9054f0e0
-def mobilenet_v2(n_in:int=3, n_out:int=10, width:float=1., stats=None) -> StagedNet:
+def mobilenet_v2(n_in:int=3, # input channels
+                 n_out:int=10, # number of classes
+                 width:float=1., # width multiplier of every block's channels
+                 stats=None # (mean, std) per channel to normalise inputs with; None: none
+                ) -> StagedNet:
     "CIFAR MobileNetV2 with width multiplier `width`; stages end where resolution changes"
     # (expansion, channels, blocks, stride) as in Sandler et al., strides adapted to 32×32 inputs
     cfg = [(1,16,1,1),(6,24,2,1),(6,32,3,2),(6,64,4,2),(6,96,3,1),(6,160,3,2),(6,320,1,1)]
@@ -154,7 +199,12 @@ def mobilenet_v2(n_in:int=3, n_out:int=10, width:float=1., stats=None) -> Staged
     return StagedNet(stem, stages, pool_head(last, n_out), stats)
 
 # %% ../nbs/02_models.ipynb #7e9c2ee6
-def dtn(n_in:int=1, n_out:int=10, stats=None, width:float=0.5, size:int=28) -> StagedNet:
+def dtn(n_in:int=1, # input channels
+        n_out:int=10, # number of classes
+        stats=None, # (mean, std) per channel to normalise inputs with; None: none
+        width:float=0.5, # channel multiplier of 64/128/256 and FC 512 (1: the authors' size)
+        size:int=28 # side of the square input images in pixels
+       ) -> StagedNet:
     "The authors' digits classifier (convs 64/128/256 5×5 stride 2 + BN + dropout, FC 512 + BN1d) scaled by `width`"
     c = [int(round(k*width)) for k in (64, 128, 256)]
     f = int(round(512*width))
@@ -169,13 +219,24 @@ def dtn(n_in:int=1, n_out:int=10, stats=None, width:float=0.5, size:int=28) -> S
 MODELS = dict(lenet5=lenet5, resnet8=resnet8, resnet20=resnet20, resnet32=resnet32, resnet56=resnet56,
               resnet18=resnet18, vgg16_bn=vgg16_bn, mobilenet_v2=mobilenet_v2)
 
-def get_model(name:str, n_in:int=3, n_out:int=10, stats=None, **kwargs) -> StagedNet:
+def get_model(name:str, # a key of `MODELS`, e.g. 'resnet8'
+              n_in:int=3, # input channels
+              n_out:int=10, # number of classes
+              stats=None, # (mean, std) per channel to normalise inputs with; None: none
+              **kwargs # the model's own arguments (e.g. `width`, `size`)
+             ) -> StagedNet:
     "Build the zoo model `name` for `n_in` channels and `n_out` classes"
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")
     return MODELS[name](n_in=n_in, n_out=n_out, stats=stats, **kwargs)
 
 # %% ../nbs/02_models.ipynb #65d06832
-def zoo_learner(dls, arch:str='resnet8', cbs=None, metrics=accuracy, loss_func=None, **kwargs) -> Learner:
+def zoo_learner(dls, # `DataLoaders` with `c`, `n_channels`, `size` and `stats`, e.g. from `corsd_suite.data.image_dls`
+                arch:str='resnet8', # a key of `MODELS`
+                cbs=None, # fastai callbacks for the `Learner`
+                metrics=accuracy, # fastai metrics
+                loss_func=None, # None: `CrossEntropyLossFlat()`
+                **kwargs # passed to fastai's `Learner` (opt_func, wd, path...)
+               ) -> Learner:
     "A fastai `Learner` training zoo model `arch` on `dls` (cross-entropy, accuracy)"
     kw = dict(size=dls.size[0]) if arch=='lenet5' else {}
     m = get_model(arch, n_in=dls.n_channels, n_out=dls.c, stats=dls.stats, **kw)
@@ -183,7 +244,14 @@ def zoo_learner(dls, arch:str='resnet8', cbs=None, metrics=accuracy, loss_func=N
                    splitter=staged_splitter, **kwargs)
 
 # %% ../nbs/02_models.ipynb #056a4376
-def train_digits(arch:str='resnet8', epochs:int=5, lr:float=5e-3, cbs=None, seed:int=0, size:int=16, device='cpu'):
+def train_digits(arch:str='resnet8', # a key of `MODELS`
+                 epochs:int=5, # epochs of the one-cycle schedule
+                 lr:float=5e-3, # peak learning rate
+                 cbs=None, # fastai callbacks for the `Learner`
+                 seed:int=0, # seed of the split, the initialisation and the batches
+                 size:int=16, # side of the digit images in pixels
+                 device='cpu' # where to train (e.g. 'cpu', 'cuda', None: `best_device()`)
+                ):
     "Train zoo model `arch` on the embedded digits quietly; returns the `Learner`"
     from corsd_suite.data import digits_dls
     seed_everything(seed)
