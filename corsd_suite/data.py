@@ -569,6 +569,7 @@ def gaussian_blur(x:torch.Tensor, # float images, N×C×H×W
                   sigma:float # the Gaussian's standard deviation in pixels (> 0)
                  ) -> torch.Tensor:
     "Separable Gaussian blur of float images `x` (N×C×H×W) with std `sigma` pixels, reflect padding"
+    if not sigma > 0: raise ValueError(f"gaussian_blur: sigma must be > 0 pixels, got {sigma}")
     k = _gauss_kernel(sigma).to(x)
     c, r = x.shape[1], len(k)//2
     x = F.conv2d(F.pad(x, (r,r,0,0), mode='reflect' if r < x.shape[-1] else 'replicate'), k.view(1,1,1,-1).expand(c,1,1,-1), groups=c)

@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from torch import nn
 from fastcore.all import *
 from fastprogress.fastprogress import progress_bar
-from .core import model_device, check_images
+from .core import model_device, check_images, save_atomic
 from .data import resize_images
 
 # %% auto #0
@@ -185,13 +185,6 @@ def _load_cache(path:Path|None) -> dict:
     except Exception as e:
         raise ValueError(f"{path}: not a readable corruption cache ({type(e).__name__}); delete it to recompute") from e
 
-def _save_atomic(obj, path:Path):
-    "`torch.save` to a temporary file next to `path`, renamed into place when complete"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try: torch.save(obj, tmp); os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-
 def corruption_set(x:torch.Tensor, # uint8 images, N×C×H×W
                    names=CORRUPTIONS, # corruption names (default: the 15 of `CORRUPTIONS`)
                    severities=(1,2,3,4,5), # severities to compute, each 1 to 5
@@ -205,7 +198,7 @@ def corruption_set(x:torch.Tensor, # uint8 images, N×C×H×W
     cache = _load_cache(path)
     todo = [(n,s) for n in names for s in severities if (n,s) not in cache]
     for n,s in pbar(todo, 'corrupting', show and bool(todo)): cache[(n,s)] = corrupt_images(x, n, s, seed)
-    if path is not None and todo: _save_atomic(cache, path)
+    if path is not None and todo: save_atomic(cache, path)
     return {(n,s): cache[(n,s)] for n in names for s in severities}
 
 # %% ../nbs/03_evaluate.ipynb #ecfd162b
