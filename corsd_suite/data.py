@@ -48,6 +48,9 @@ class ImageSet(BasicRepr):
         "A new `ImageSet` with the items at `idxs`"
         idxs = torch.as_tensor(idxs, dtype=torch.long)
         return ImageSet(self.x[idxs], self.y[idxs], self.classes, name or self.name)
+    def new_empty(self):
+        "An `ImageSet` with no items, this set's image shape and classes (what `learn.export` keeps of the data)"
+        return self.subset([])
     def stats(self):
         "Per-channel mean and std of the images in [0, 1]"
         xf = self.x.float().div_(255)
