@@ -44,8 +44,8 @@ def adabn(model:nn.Module, # a model with BatchNorm layers (changed in place)
     return model
 
 # %% ../nbs/05_baselines.ipynb #189e117a
-def endless_xy(dl):
-    "Yield the (x, y) batches of `dl` forever"
+def endless_xy(dl): # a DataLoader of labelled `(x, y)` batches
+    "Yield the (x, y) batches of `dl` forever (one pass after another); error if `dl` yields no batches"
     while True:
         got = False
         for b in dl: got = True; yield b

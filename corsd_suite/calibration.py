@@ -218,7 +218,8 @@ class Calibrator(nn.Module):
 # %% ../nbs/04_calibration.ipynb #7761202e
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
-def bn_layers(m:nn.Module) -> list:
+def bn_layers(m:nn.Module # any module
+             ) -> list:
     "The BatchNorm layers of `m`"
     return [l for l in m.modules() if isinstance(l, _BN)]
 
@@ -240,7 +241,8 @@ def freeze_model(m:nn.Module, # the module to freeze
     m.requires_grad_(False)
     return set_frozen_mode(m, bn)
 
-def bn_state(m:nn.Module) -> dict:
+def bn_state(m:nn.Module # any module
+            ) -> dict:
     "A copy of the BatchNorm buffers (running mean/var, batch count) of `m`"
     return {k: v.detach().clone() for k,v in m.state_dict().items() if k.rsplit('.', 1)[-1] in ('running_mean', 'running_var', 'num_batches_tracked')}
 
@@ -271,7 +273,8 @@ class CalibratedModel(nn.Module):
         return self
 
 # %% ../nbs/04_calibration.ipynb #800826bc
-def calibrator_splitter(m:nn.Module) -> list:
+def calibrator_splitter(m:nn.Module # a model with a `cal` attribute (possibly wrapped, e.g. in DDP)
+                       ) -> list:
     "fastai splitter: only the calibrator's parameters are trained"
     return [params(unwrap(m, 'cal').cal)]
 

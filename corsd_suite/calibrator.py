@@ -350,11 +350,17 @@ def calibrator_learner(dls, # source `DataLoaders` (valid: the target evaluation
     return Learner(dls, model, metrics=list(L(metrics)) + cb.metrics, cbs=[cb] + list(L(cbs)), **{**kw, **kwargs})
 
 # %% ../nbs/30_calibrator.ipynb #3494bbcd
-def erode_images(x:torch.Tensor, k:int=3) -> torch.Tensor:
+def erode_images(x:torch.Tensor, # uint8 images (N×C×H×W)
+                 k:int=3 # side of the square minimum filter (odd)
+                ) -> torch.Tensor:
     "Grey-level erosion (a `k`×`k` minimum filter) of uint8 images: thinner, dimmer strokes"
+    if x.dtype != torch.uint8 or x.ndim != 4: raise ValueError(f"erode_images needs uint8 N×C×H×W images, got {x.dtype} of shape {tuple(x.shape)}")
+    if not (isinstance(k, int) and k >= 1 and k % 2 == 1): raise ValueError(f"erode_images: k must be an odd positive int, got {k!r}")
     return (-F.max_pool2d(-x.float(), k, 1, k//2)).round().to(torch.uint8)
 
-def shifted_digits(size:int=16, seed:int=0) -> AttrDict:
+def shifted_digits(size:int=16, # image side in pixels
+                   seed:int=0 # seed of the splits
+                  ) -> AttrDict:
     "scikit-learn digits as a domain pair: source = one half, target = the other half eroded (see `domain_pair`)"
     from corsd_suite.data import digits, ImageSet
     src, tgt = digits(size).split(0.5, seed)
@@ -365,7 +371,14 @@ def shifted_digits(size:int=16, seed:int=0) -> AttrDict:
                     protocol=f"scikit-learn digits {size}×{size}: source {len(src_tr)} train / {len(src_te)} test; target = the other "
                              f"half eroded (3×3 min filter), {len(tgt_ad)} unlabelled adaptation / {len(tgt_ev)} evaluation")
 
-def train_source(pair, epochs:int=5, lr:float=3e-3, bs:int=64, width:float=0.5, seed:int=0, device='cpu'):
+def train_source(pair, # a domain pair (`shifted_digits`, `domain_pair`): `source_train`, `target_eval`
+                 epochs:int=5, # one-cycle training epochs
+                 lr:float=3e-3, # maximum learning rate
+                 bs:int=64, # batch size
+                 width:float=0.5, # `dtn` width multiplier
+                 seed:int=0, # seed of the initialisation and batch order
+                 device=None # None: `best_device()`
+                ):
     "Train a `dtn` on `pair.source_train` (quietly); returns `(dls, clf)` with `dls.valid` = the target evaluation set"
     from corsd_suite.data import image_dls
     seed_everything(seed)
@@ -377,7 +390,8 @@ def train_source(pair, epochs:int=5, lr:float=3e-3, bs:int=64, width:float=0.5, 
 
 # %% ../nbs/30_calibrator.ipynb #bbe2126d
 @demo_row('Calibrator', order=30)
-def calibrator_row(quick:bool=True) -> dict:
+def calibrator_row(quick:bool=True # fewer epochs (the CI setting)
+                  ) -> dict:
     "Calibrator (frozen BN) on digits → eroded digits: target accuracy before and after, source accuracy through the calibrator"
     from corsd_suite.data import TensorDL
     from corsd_suite.evaluate import evaluate_accuracy

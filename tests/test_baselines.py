@@ -48,3 +48,9 @@ def test_dann_fine_tunes(setup):
 def test_moved_out_of_the_calibrator():
     import corsd_suite.calibrator as cal
     assert not hasattr(cal, 'adabn') and not hasattr(cal, 'dann_adapt')
+
+def test_endless_xy_refuses_empty():
+    from corsd_suite.baselines import endless_xy
+    it = endless_xy([(1, 2)])
+    assert [next(it) for _ in range(3)] == [(1, 2)] * 3
+    with pytest.raises(ValueError, match='no batches'): next(endless_xy([]))

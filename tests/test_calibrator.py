@@ -209,3 +209,50 @@ def test_deployable_shares_and_matches():
 def test_demo_row_registered():
     order, f = DEMO_ROWS['Calibrator']
     assert order == 30 and f is calibrator_row
+
+def test_erode_images_checks():
+    from corsd_suite.calibrator import erode_images
+    x = torch.zeros(1, 1, 5, 5, dtype=torch.uint8); x[0, 0, 1:4, 1:4] = 200
+    assert erode_images(x)[0, 0].nonzero().tolist() == [[2, 2]]
+    with pytest.raises(ValueError, match='uint8'): erode_images(x.float())
+    with pytest.raises(ValueError, match='odd'): erode_images(x, k=2)
+
+def _bench_module():
+    import importlib.util, sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]/'benchmarks'
+    sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location('calibrator_bench', root/'calibrator.py')
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    return m
+
+def test_benchmark_summary_keys(tmp_path):
+    "The benchmark's summary has the issue's keys for MNIST→USPS, plus `usps_to_mnist`; the figure is drawn from the JSON"
+    import json
+    m = _bench_module()
+    a = m.parse(['--seeds', '2'])
+    assert (a.size, a.bs, a.iters, a.lr, a.n_blocks) == (28, 128, 11400, 1e-4, 9)   # the authors' protocol by default
+    with pytest.raises(SystemExit): m.parse(['--arms', 'cal,nope'])
+    runs = {}
+    for d in m.DIRS:
+        for seed in (0, 1):
+            for i, arm in enumerate(m.ARMS):
+                res = dict(adapt_images=7291 if d == 'mnist_to_usps' else 60000, eval_images=2007, protocol='p', clf_params=1000,
+                           iterations=0 if arm in ('source_only', 'adabn') else 11232, target_acc=0.7 + 0.05*i + 0.01*seed,
+                           source_acc=0.99 - 0.001*i, **({'cal_params': 50} if arm.startswith('cal') else {}))
+                runs[f'{d}-{arm}-s{seed}'] = dict(settings=dict(direction=d, arm=arm, seed=seed, size=28, bs=128, lr=1e-4, ngf=8,
+                                                                n_blocks=9, bound=0.2), result=res, overloaded=False)
+    m.OUT_PNG = tmp_path/'c.png'
+    s, md = m.summarise(runs)
+    for k in ('source_only_acc', 'adabn_acc', 'calibrated_acc', 'calibrated_code_bn_acc', 'dann_acc', 'source_acc_plain',
+              'source_acc_calibrated', 'calibrator_param_ratio', 'seeds', 'command', 'adapt_images', 'iterations', 'size'):
+        assert k in s, k
+    assert s['adapt_images'] == 7291 and s['iterations'] == 11232 and s['size'] == 28 and s['seeds'] == 2
+    assert abs(s['calibrated_acc'] - 0.805) < 1e-9 and abs(s['calibrator_param_ratio'] - 0.05) < 1e-9
+    for k in ('source_only_acc', 'adabn_acc', 'calibrated_acc', 'calibrated_code_bn_acc', 'dann_acc', 'source_acc_plain', 'source_acc_calibrated'):
+        assert k in s['usps_to_mnist'], k
+    assert s['usps_to_mnist']['adapt_images'] == 60000
+    assert 'MNIST→USPS' in md and 'USPS→MNIST' in md and 'target evaluation labels' in md and 's0: ' in md
+    (tmp_path/'c.json').write_text(json.dumps(dict(summary=s)))
+    m.plot(tmp_path/'c.json', tmp_path/'c.png')
+    assert (tmp_path/'c.png').stat().st_size > 1000
