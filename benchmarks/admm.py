@@ -1,195 +1,314 @@
-"""ADMM-NN-S on MNIST / LeNet-5 (430,500 weights): dense baseline, progressive non-structured ADMM pruning at the
-per-layer rates of ADMM pruning (Zhang et al. 2018) scaled up, iterative magnitude pruning with the same epochs,
-joint quantization with index overhead, and structured pruning for the storage/compute comparison.
+"""ADMM-NN-S at the paper's scale (issue 17), on the resumable runner (every stage checkpointed: rerun to resume).
 
-Quick (default, sized for 2 shared CPU cores): a balanced training subset, few epochs. `--full`: all 60k images and
-longer schedules. Run from the repo root: CORSD_DATA=/work/shared/data python benchmarks/admm.py"""
-import argparse, time, copy, sys
-from pathlib import Path
-import torch
-torch.set_num_threads(1)
-sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result, md_table, RESULTS
-from corsd_suite.core import seed_everything
-from corsd_suite.data import load_dataset, image_dls
-from corsd_suite.models import zoo_learner
-from corsd_suite.evaluate import evaluate_accuracy
-from corsd_suite.admm import (plain_state_dict, lenet5_targets, admm_prune, magnitude_prune, compression_report, export_compressed,
-                              Target, LENET5_LAYERS, ADMM_LENET5_KEEP)
+LeNet-5 part (`--part lenet`): LeNet-5 (Caffe shape) trained dense on all of MNIST's training images less a held-out
+validation split (`--n-valid`, taken from the training images: every choice below is made on it; the test split is
+read only for the final numbers); a progressive non-structured ADMM ladder (71x -> 142x -> 246x -> 348x by default)
+with Z/U updates every `--zu-every` epochs and `--admm-epochs` + `--retrain-epochs` per rung (per-epoch validation
+curves recorded); iterative magnitude pruning with the same epochs at every rung; per-layer bit widths searched
+over 3-6 bits on validation (the smallest within `--quant-budget` points) and masked quantized retraining; the
+model written with `save_compressed` and reloaded to check its accuracy.
 
-p = argparse.ArgumentParser()
-p.add_argument('--full', action='store_true', help='60k training images and the long schedule')
-p.add_argument('--n-per-class', type=int, default=1000)
-p.add_argument('--dense-epochs', type=int, default=5)
-p.add_argument('--admm-epochs', type=int, default=3)
-p.add_argument('--retrain-epochs', type=int, default=3)
-p.add_argument('--scales', type=str, default='1,0.5', help='multipliers of the ADMM-paper keep fractions, one progressive stage each')
-p.add_argument('--bits', type=int, default=3)
-p.add_argument('--lr', type=float, default=2e-3)
-p.add_argument('--rho', type=float, default=1e-3)
-p.add_argument('--rho-max', type=float, default=.1)
-p.add_argument('--rho-factor', type=float, default=1.8)
-p.add_argument('--updates-per-epoch', type=int, default=4)
-p.add_argument('--seed', type=int, default=0)
-p.add_argument('--bs', type=int, default=128)
-a = p.parse_args()
-if a.full:
-    a.n_per_class, a.dense_epochs, a.admm_epochs, a.retrain_epochs = 0, 15, 10, 5
-    a.scales = '4,2,1,0.5,0.3,0.2'
-scales = [float(s) for s in a.scales.split(',')]
-T0 = time.time()
-NAMES = {v: k for k, v in LENET5_LAYERS.items()}
-def log(*s): print(f"[{time.time()-T0:6.0f}s]", *s, flush=True)
+Per-layer keep ratios of a rung of rate R (total/kept): conv1 keeps the reference 20% (its 100 weights are 0.02% of
+the model; the ADMM papers prune it least), and conv2, fc1 and fc2 keep the reference fractions of ADMM pruning at
+71.2x (8%, 0.9%, 7%; Zhang et al. 2018, the authors' code) times one factor s chosen so that the total is 430,500/R.
+The paper's own per-layer rates behind 348x were not found (research/admm.md).
 
-seed_everything(a.seed)
-tr = load_dataset('mnist', train=True)
-if a.n_per_class: tr = tr.balanced(a.n_per_class, a.seed)
-te = load_dataset('mnist', train=False)
-small = te.balanced(30, a.seed)   # only for fastai's per-epoch logging; every reported number uses the full test set
-dls = image_dls(tr, small, bs=a.bs, device='cpu')
-test_dl = image_dls(tr, te, bs=a.bs, device='cpu', val_bs=1000).valid
-every = max(1, len(dls.train) // a.updates_per_epoch)
-log(f"train {len(tr)} images, test {len(te)}; {len(dls.train)} batches/epoch, ADMM update every {every} batches")
+CIFAR-10 part (`--part cifar`): a zoo CIFAR ResNet (`--cifar-arch`) trained on CIFAR-10 less a validation split;
+non-structured ADMM (every conv but the stem) and structured ADMM (input channels of the second conv of every
+residual block, so `shrink_blocks` builds physically smaller blocks with the same logits) on progressive ladders;
+for each kind the highest rung within `--cifar-budget` points of dense on validation is quantized (`--cifar-bits`)
+and reported: test accuracy, weights kept, bytes (with index overhead), MACs, CPU latency at batch 1 and 64 of the
+dense, structured (shrunk) and non-structured (dense kernels with zeros; torch sparse fc) models.
 
-def acc(learn): return evaluate_accuracy(learn.model, test_dl, show=False)
-def quiet(learn): return learn.no_bar(), learn.no_logging()
-def summary_row(rep, accuracy, **kw):
-    t = rep.iloc[-1]
-    return dict(**kw, acc=round(100*accuracy, 2), ratio=round(float(t['ratio']), 1), kept=int(t['kept']),
-                bytes=int(t['bytes']), compression=round(float(t['compression']), 1))
-def layer_table(rep):
-    return [dict(layer=r['layer'], weights=int(r['weights']), kept=int(r['kept']), pruned=f"{100*r['sparsity']:.2f}%",
-                 ratio=f"{r['ratio']:.1f}x", bits=int(r['value_bits']) if r['layer'] != 'total' else '',
-                 index_bits=int(r['index_bits']) if r['layer'] != 'total' else '', format=r.get('format', ''),
-                 bytes=int(r['bytes'])) for _, r in rep.iterrows()]
-
-# 1. dense
-learn = zoo_learner(dls, 'lenet5')
-cache = Path(f"/tmp/admm_dense_{a.n_per_class}_{a.dense_epochs}_{a.lr}_{a.seed}.pth")   # reuse the dense model across reruns
-if cache.exists(): learn.model.load_state_dict(torch.load(cache))
-else:
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(a.dense_epochs, a.lr)
-    torch.save(learn.model.state_dict(), cache)
-dense_acc, dense_sd = acc(learn), copy.deepcopy(learn.model.state_dict())
-dense_rep = compression_report(learn.model, names=NAMES)
-log(f"dense: {100*dense_acc:.2f}%")
-
-def fresh():
-    l = zoo_learner(dls, 'lenet5'); l.model.load_state_dict(dense_sd); return l
-
-# 2. progressive non-structured ADMM and iterative magnitude pruning, same epochs per stage
-admm_rows, mag_rows, admm_states, admm_reps = [], [], [], []
-la, lm = fresh(), fresh()
-for s in scales:
-    tg = lenet5_targets(scale=s)
-    with la.no_bar(), la.no_logging():
-        admm, hard = admm_prune(la, tg, a.admm_epochs, a.retrain_epochs, lr=a.lr, rho=a.rho,
-                                rho_schedule=(a.rho_factor, a.rho_max), every=every, unit='batch')
-    assert hard.check()
-    rep = compression_report(la.model, names=NAMES); r_acc = acc(la)
-    admm_rows.append(summary_row(rep, r_acc, method='ADMM', scale=s, final_rho=admm.rho,
-                                 residual_rel_fc1=round(admm.history[-1]['head.1/rel'], 4)))
-    admm_states.append(copy.deepcopy(plain_state_dict(la.model)))   # without the ADMM/pruning state modules; admm_reps.append(rep)
-    log('ADMM', admm_rows[-1])
-    with lm.no_bar(), lm.no_logging(): mhard = magnitude_prune(lm, tg, a.admm_epochs + a.retrain_epochs, lr=a.lr)
-    assert mhard.check()
-    mag_rows.append(summary_row(compression_report(lm.model, names=NAMES), acc(lm), method='magnitude', scale=s))
-    log('magnitude', mag_rows[-1])
-
-def best_within(rows, loss):
-    ok = [r for r in rows if r['acc'] >= 100*dense_acc - loss - 1e-9]
-    return max(ok, key=lambda r: r['ratio']) if ok else None
-b01, b05 = best_within(admm_rows, .1), best_within(admm_rows, .5)
-pick = b01 or b05 or admm_rows[0]
-i = admm_rows.index(pick)
-mag_same = mag_rows[i]
-log(f"<=0.1: {b01}; <=0.5: {b05}")
-
-# 3. joint quantization after pruning, on the picked ADMM model
-lq = fresh(); lq.model.load_state_dict(admm_states[i])
-qtg = lenet5_targets(scale=pick['scale'], bits=a.bits)
-with lq.no_bar(), lq.no_logging():
-    qadmm, qhard = admm_prune(lq, qtg, max(1, a.admm_epochs//2), max(1, a.retrain_epochs), lr=a.lr/2, rho=a.rho,
-                              rho_schedule=(a.rho_factor, a.rho_max), every=every, unit='batch')
-assert qhard.check()
-q_acc, qrep = acc(lq), compression_report(lq.model, names=NAMES)
-ckpt = export_compressed(lq.model, RESULTS/'admm_lenet5_pruned_quant.pth')
-log(f"quantized {a.bits} bit: {100*q_acc:.2f}%, {qrep.iloc[-1]['bytes']:.0f} bytes")
-
-# 4. structured (filters of the convs, input columns of the fcs) + same bits, from dense, same epochs as one stage
-stg = {'stages.0.0': Target(keep=10, kind='filter', bits=a.bits), 'stages.1.0': Target(keep=20, kind='filter', bits=a.bits),
-       'head.1': Target(keep=160, kind='channel', bits=a.bits), 'head.3': Target(keep=100, kind='channel', bits=a.bits)}
-ls = fresh()
-with ls.no_bar(), ls.no_logging():
-    sadmm, shard = admm_prune(ls, stg, a.admm_epochs, a.retrain_epochs, lr=a.lr, rho=a.rho,
-                              rho_schedule=(a.rho_factor, a.rho_max), every=every, unit='batch')
-assert shard.check()
-s_acc, srep = acc(ls), compression_report(ls.model, names=NAMES)
-log(f"structured: {100*s_acc:.2f}%")
-
-def cmp_row(name, rep, accuracy):
-    t = rep.iloc[-1]
-    return dict(model=name, acc=round(100*accuracy, 2), kept=int(t['kept']), ratio=f"{t['ratio']:.1f}x",
-                bytes=int(t['bytes']), index_and_filler_bits=int(sum(r['bits'] - r['kept']*r['value_bits'] for _, r in rep.iloc[:-1].iterrows() if r['format']=='sparse')),
-                vs_dense_fp32=f"{t['compression']:.0f}x", MACs_dense=int(t['macs_dense']), MACs_nonzero=int(t['macs_sparse']),
-                MACs_regular_block=int(t['macs_block']))
-cmp = [cmp_row('dense fp32', dense_rep, dense_acc), cmp_row(f"non-structured ADMM {pick['ratio']}x, {a.bits} bit", qrep, q_acc),
-       cmp_row(f"structured ADMM (filter/column), {a.bits} bit", srep, s_acc)]
-secs = time.time() - T0
-
-summary = dict(dense_acc=dense_acc, rate_at_0p1=b01['ratio'] if b01 else None, acc_at_0p1=b01['acc']/100 if b01 else None,
-               rate_at_0p5=b05['ratio'] if b05 else None, acc_at_0p5=b05['acc']/100 if b05 else None,
-               magnitude_acc_at_same_rate=mag_same['acc']/100, magnitude_rate=mag_same['ratio'],
-               quant_bits=a.bits, quant_acc=q_acc, dense_bytes=int(dense_rep.iloc[-1]['dense_fp32_bytes']),
-               compressed_bytes=int(qrep.iloc[-1]['bytes']), structured_acc=s_acc, structured_bytes=int(srep.iloc[-1]['bytes']),
-               checkpoint=str(ckpt.relative_to(Path.cwd())) if ckpt.is_absolute() else str(ckpt),
-               train_images=len(tr), protocol='full' if a.full else 'quick', seconds=round(secs))
-from common import command_line
-summary['command'] = command_line()
-ladder = [dict(scale=r['scale'], ratio=f"{r['ratio']}x", ADMM_acc=r['acc'], magnitude_acc=m['acc'],
-               ADMM_minus_magnitude=round(r['acc']-m['acc'], 2), ADMM_loss_vs_dense=round(100*dense_acc - r['acc'], 2))
-          for r, m in zip(admm_rows, mag_rows)]
-md = f"""LeNet-5 (Caffe shape, 430,500 weights) on MNIST, test set of 10,000 images; {len(tr)} training images
-({'all' if not a.n_per_class else f'{a.n_per_class} per class'}); seed {a.seed}; {secs/60:.1f} min wall on 2 shared CPU cores (1 torch thread).
-Protocol: {'full' if a.full else 'QUICK (reduced; `--full` runs 60k images, 15 dense epochs, 10 ADMM + 5 retrain epochs per stage)'}.
-Dense {a.dense_epochs} epochs (one-cycle, Adam, lr {a.lr}); then progressive stages, each {a.admm_epochs} ADMM epochs
-(rho {a.rho} x{a.rho_factor} per update, cap {a.rho_max}, {a.updates_per_epoch} Z/U updates per epoch) + {a.retrain_epochs} masked retraining
-epoch(s). Per-layer keep fractions: the ADMM paper's (Zhang et al. 2018, 71x: conv1 20%, conv2 8%, fc1 0.9%, fc2 7%)
-times `scale`. Iterative magnitude pruning: the same stages, prune + {a.admm_epochs + a.retrain_epochs} retraining epochs each.
-
-**Dense accuracy: {100*dense_acc:.2f}%**
-
-## Pruning ladder (non-structured)
-
-{md_table(ladder)}
-
-Highest rate at <= 0.1 point loss: {f"{b01['ratio']}x at {b01['acc']}%" if b01 else 'none of the rates tried'};
-at <= 0.5 point: {f"{b05['ratio']}x at {b05['acc']}%" if b05 else 'none of the rates tried'}.
-Magnitude pruning at {mag_same['ratio']}x: {mag_same['acc']}%.
-
-## Per layer, ADMM at {pick['ratio']}x (before quantization)
-
-{md_table(layer_table(admm_reps[i]))}
-
-## Joint quantization ({a.bits} bits per layer) after pruning, relative indexing
-
-{md_table(layer_table(qrep))}
-
-Accuracy {100*q_acc:.2f}%; {int(qrep.iloc[-1]['bytes'])} bytes with index overhead vs {int(dense_rep.iloc[-1]['dense_fp32_bytes'])} dense fp32
-bytes ({qrep.iloc[-1]['compression']:.0f}x). Checkpoint: `{summary['checkpoint']}` (plain `lenet5` state dict + report).
-
-## Structured vs non-structured (both {a.bits} bit)
-
-{md_table(cmp)}
-
-Structured: conv1 10/20 filters, conv2 20/50 filters, fc1 160/800 input columns, fc2 100/500 input columns; per layer:
-
-{md_table(layer_table(srep))}
-
-MACs per image: `MACs_nonzero` counts one MAC per nonzero weight and output position (the ideal of a sparse
-kernel, which also decodes an index per MAC); `MACs_regular_block` is the dense GEMM on the kept block, what
-structured pruning runs with regular access. Chained effects (a removed conv filter making inputs of the next layer
-constant) are not counted.
+Run from the repo root: CORSD_DATA=/work/shared/data python benchmarks/admm.py --part all
+Smoke test (a couple of minutes): --out admm_smoke --n-train 2000 --n-valid 500 --dense-epochs 1 --admm-epochs 1
+  --retrain-epochs 1 --zu-every 1 --quant-epochs 1 --part lenet   (then delete results/admm_smoke* and runs/admm_smoke)
 """
-write_result('admm', summary, dict(args=vars(a), admm=admm_rows, magnitude=mag_rows, quant_layers=layer_table(qrep),
-                                    structured_layers=layer_table(srep), comparison=cmp), md, secs)
+import argparse, copy, sys
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, str(Path(__file__).parent))
+import runner
+from common import RESULTS, md_table, command_line
+from corsd_suite.data import load_dataset, image_dls, CropFlip
+from corsd_suite.models import zoo_learner, get_model
+from corsd_suite.evaluate import evaluate_accuracy
+from corsd_suite.admm import (ADMMCallback, HardPruneCallback, Target, LENET5_LAYERS, ADMM_LENET5_KEEP, weight_layers,
+                              compression_report, apply_targets, save_compressed, load_compressed, plain_copy, shrink_blocks,
+                              cpu_latency, sparse_linear_copy, _swap_cb)
+
+p = argparse.ArgumentParser(description=__doc__.split('\n')[0]); runner.add_args(p)
+p.add_argument('--part', choices=['lenet', 'cifar', 'all'], default='all')
+p.add_argument('--out', default='admm', help='results name (use a temporary one for smoke tests)')
+p.add_argument('--seed', type=int, default=0)
+p.add_argument('--n-train', type=int, default=0, help='training images before the validation split (0: all)')
+p.add_argument('--n-valid', type=int, default=5000, help='validation images held out of the training images')
+p.add_argument('--bs', type=int, default=64)
+p.add_argument('--lr', type=float, default=1e-3)
+p.add_argument('--dense-epochs', type=int, default=30)
+p.add_argument('--rates', default='71.2,142,246,348', help='the ladder: overall pruning rates (total/kept)')
+p.add_argument('--admm-epochs', type=int, default=40, help='ADMM epochs per rung')
+p.add_argument('--retrain-epochs', type=int, default=20, help='masked-retraining epochs per rung')
+p.add_argument('--zu-every', type=int, default=4, help='Z/U update every this many epochs')
+p.add_argument('--rho', type=float, default=1e-3)
+p.add_argument('--rho-factor', type=float, default=1.3)
+p.add_argument('--rho-max', type=float, default=1e-1)
+p.add_argument('--quant-budget', type=float, default=0.1, help='accuracy points the quantization may lose on validation')
+p.add_argument('--quant-epochs', type=int, default=10)
+p.add_argument('--cifar-arch', default='resnet20')
+p.add_argument('--cifar-dense-epochs', type=int, default=60)
+p.add_argument('--cifar-admm-epochs', type=int, default=20)
+p.add_argument('--cifar-retrain-epochs', type=int, default=10)
+p.add_argument('--cifar-lr', type=float, default=1e-3)
+p.add_argument('--cifar-ns-rates', default='0.5,0.75,0.875,0.9375', help='non-structured ladder: fraction of weights removed')
+p.add_argument('--cifar-s-rates', default='0.25,0.5,0.625,0.75', help='structured ladder: fraction of inner channels removed')
+p.add_argument('--cifar-bits', type=int, default=4)
+p.add_argument('--cifar-budget', type=float, default=0.5, help='accuracy points of loss allowed (validation)')
+p.add_argument('--latency-threads', type=int, default=1)
+p.add_argument('--latency-repeats', type=int, default=30)
+a = p.parse_args()
+RATES = [float(r) for r in a.rates.split(',')]
+NAMES = {v: k for k, v in LENET5_LAYERS.items()}
+
+# ------------------------------------------------------------------------------------------------------- data
+def splits(name):
+    "(train, valid, test) ImageSets: the validation split is held out of the training images"
+    tr, te = load_dataset(name, train=True), load_dataset(name, train=False)
+    if a.n_train: tr = tr.subset(torch.randperm(len(tr), generator=torch.Generator().manual_seed(a.seed))[:a.n_train].sort().values)
+    tr, va = tr.split(a.n_valid / len(tr), seed=a.seed)
+    return tr, va, te
+
+def loaders(ctx, name, augment=None):
+    tr, va, te = splits(name)
+    dls = image_dls(tr, va, bs=a.bs, augment=augment, device=ctx.device)
+    test = image_dls(tr, te, bs=a.bs, device=ctx.device, val_bs=1000).valid
+    return dls, test, len(tr)
+
+def acc(model, dl): return float(evaluate_accuracy(model, dl, show=False))
+def curve(learn): return [float(v[-1]) for v in (learn.recorder.values or [])]   # validation accuracy per epoch
+
+def ladder_targets(rate, bits=None):
+    "LeNet-5 targets of overall rate `rate`: conv1 keeps 20%, conv2/fc1/fc2 the 71.2x fractions times one factor"
+    w = dict(conv1=500, conv2=25_000, fc1=400_000, fc2=5_000)
+    s = (430_500 / rate - ADMM_LENET5_KEEP['conv1'] * w['conv1']) / sum(ADMM_LENET5_KEEP[k] * w[k] for k in ('conv2', 'fc1', 'fc2'))
+    keep = dict(conv1=ADMM_LENET5_KEEP['conv1'], **{k: ADMM_LENET5_KEEP[k] * s for k in ('conv2', 'fc1', 'fc2')})
+    return {LENET5_LAYERS[k]: Target(keep=max(1, round(f * w[k])), bits=(bits or {}).get(k)) for k, f in keep.items()}
+
+def admm_cb(targets, rho=None):
+    return ADMMCallback(targets, rho=rho or a.rho, rho_schedule=(a.rho_factor, a.rho_max), every=a.zu_every, unit='epoch')
+
+def dense_lenet(ctx):
+    dls, test, n = loaders(ctx, 'mnist')
+    learn = zoo_learner(dls, 'lenet5')
+    ctx.fit(learn, a.dense_epochs, a.lr, stage='dense', shared='lenet-dense-' + _tag(seed=a.seed, n_train=a.n_train, n_valid=a.n_valid, bs=a.bs, lr=a.lr, epochs=a.dense_epochs))
+    return learn, dls, test, n
+
+def rung_stats(learn, dls, test, **kw):
+    rep = compression_report(learn.model, names=NAMES).iloc[-1]
+    return dict(**kw, rate=float(rep['ratio']), kept=int(rep['kept']), valid_acc=acc(learn.model, dls.valid), test_acc=acc(learn.model, test))
+
+# ------------------------------------------------------------------------------------------------------- LeNet-5
+def lenet_dense(ctx):
+    learn, dls, test, n = dense_lenet(ctx)
+    return dict(train_images=n + len(dls.valid_ds), fit_images=n, valid_images=len(dls.valid_ds),
+                valid_acc=acc(learn.model, dls.valid), test_acc=acc(learn.model, test), curve=curve(learn))
+
+def _tag(**kw): return runner.settings_hash(kw)[:10]   # shared stages are named by every setting they depend on
+
+def admm_rung(ctx, learn, r):
+    "One rung of the progressive ADMM ladder (shared: the quantization run loads it instead of training it again)"
+    tag = _tag(seed=a.seed, n_train=a.n_train, n_valid=a.n_valid, bs=a.bs, lr=a.lr, dense=a.dense_epochs, rates=RATES[:RATES.index(r) + 1],
+               admm=a.admm_epochs, retrain=a.retrain_epochs, zu=a.zu_every, rho=[a.rho, a.rho_factor, a.rho_max])
+    tg = ladder_targets(r)
+    _swap_cb(learn, admm_cb(tg)); ctx.fit(learn, a.admm_epochs, a.lr, stage=f'admm-{r:g}', shared=f'lenet-admm-{r:g}-{tag}'); c1 = curve(learn)
+    learn.remove_cbs([c for c in learn.cbs if isinstance(c, ADMMCallback)])
+    _swap_cb(learn, HardPruneCallback(tg)); ctx.fit(learn, a.retrain_epochs, a.lr, stage=f'retrain-{r:g}', shared=f'lenet-retrain-{r:g}-{tag}')
+    return c1 + curve(learn)
+
+def lenet_ladder(ctx):
+    "Progressive ADMM (method='admm') or iterative magnitude pruning (method='magnitude'), same epochs per rung"
+    learn, dls, test, n = dense_lenet(ctx)
+    rungs = []
+    for r in RATES:
+        if ctx.config['method'] == 'admm': c = admm_rung(ctx, learn, r)
+        else:
+            _swap_cb(learn, HardPruneCallback(ladder_targets(r)))
+            ctx.fit(learn, a.admm_epochs + a.retrain_epochs, a.lr, stage=f'magnitude-{r:g}'); c = curve(learn)
+        rungs.append(rung_stats(learn, dls, test, target_rate=r, curve=c))
+    return dict(rungs=rungs)
+
+def _num(v):
+    "A JSON-able number (NaN: None) or string"
+    if isinstance(v, str) or v is None: return v
+    v = float(v)
+    return None if v != v else int(v) if v.is_integer() else v
+
+def lenet_quant(ctx):
+    "Per-layer bits (3-6) searched on validation at the rate chosen on validation, masked quantized retraining, file"
+    rate = ctx.config['rate']
+    learn, dls, test, n = dense_lenet(ctx)
+    for r in RATES[:RATES.index(rate) + 1]: admm_rung(ctx, learn, r)
+    base = acc(learn.model, dls.valid)
+    tg0, bits = ladder_targets(rate), dict(conv1=6, conv2=6, fc1=6, fc2=6)
+    sd = copy.deepcopy(learn.model.state_dict())
+    def val_with(b):
+        m = plain_copy(learn.model); apply_targets(m, ladder_targets(rate, b)); return acc(m, dls.valid)
+    for layer in ('fc1', 'conv2', 'fc2', 'conv1'):      # the biggest layer first: it decides the bytes
+        for b in (3, 4, 5):
+            if 100 * (base - val_with({**bits, layer: b})) <= a.quant_budget: bits[layer] = b; break
+    learn.model.load_state_dict(sd)
+    qt = ladder_targets(rate, bits)
+    _swap_cb(learn, HardPruneCallback(qt)); ctx.fit(learn, a.quant_epochs, a.lr / 10, stage=f'quant-{rate:g}')
+    rep = compression_report(learn.model, names=NAMES)
+    f = save_compressed(learn.model, RESULTS/f'{a.out}_lenet5.czip')
+    back = load_compressed(lambda: get_model('lenet5', n_in=1, n_out=10, stats=dls.stats, size=28), f).to(ctx.device)
+    return dict(rate=float(rep.iloc[-1]['ratio']), bits=bits, valid_acc=acc(learn.model, dls.valid), test_acc=acc(learn.model, test),
+                file=str(f.relative_to(RESULTS.parents[1])), file_bytes=f.stat().st_size, report_bytes=float(rep.iloc[-1]['bytes']),
+                file_test_acc=acc(back, test), curve=curve(learn),
+                layers=[{k: _num(v) for k, v in r.items() if k != 'shape'}
+                        for r in rep.to_dict('records')])
+
+# ------------------------------------------------------------------------------------------------------- CIFAR-10
+def cifar_dense(ctx):
+    dls, test, n = loaders(ctx, 'cifar10', augment=CropFlip())
+    learn = zoo_learner(dls, a.cifar_arch)
+    ctx.fit(learn, a.cifar_dense_epochs, 1e-2, stage='dense', shared='cifar-dense-' + _tag(arch=a.cifar_arch, seed=a.seed, n_train=a.n_train, n_valid=a.n_valid, bs=a.bs, epochs=a.cifar_dense_epochs))
+    return learn, dls, test
+
+def cifar_targets(model, kind, rate, bits=None):
+    if kind == 'structured':
+        return {n: Target(rate=rate, kind='channel', bits=bits) for n in weight_layers(model) if n.endswith('convs.1.0')}
+    return {n: Target(rate=rate, bits=bits) for n, m in weight_layers(model).items() if isinstance(m, torch.nn.Conv2d) and '.convs.' in n}
+
+def latency(m):
+    return cpu_latency(m, (3, 32, 32), (1, 64), repeats=a.latency_repeats, threads=a.latency_threads)
+
+def cifar_run(ctx):
+    kind = ctx.config['kind']
+    learn, dls, test = cifar_dense(ctx)
+    dense_val = acc(learn.model, dls.valid)
+    if kind == 'dense':
+        rep = compression_report(learn.model, (3, 32, 32)).iloc[-1]
+        return dict(valid_acc=dense_val, acc=acc(learn.model, test), kept=int(rep['kept']), bytes=float(rep['bytes']),
+                    macs=int(rep['macs_dense']), latency_ms=latency(learn.model))
+    rates = [float(r) for r in (a.cifar_s_rates if kind == 'structured' else a.cifar_ns_rates).split(',')]
+    rungs, chosen = [], None
+    for r in rates:
+        tg = cifar_targets(learn.model, kind, r)
+        _swap_cb(learn, admm_cb(tg)); ctx.fit(learn, a.cifar_admm_epochs, a.cifar_lr, stage=f'admm-{r:g}')
+        learn.remove_cbs([c for c in learn.cbs if isinstance(c, ADMMCallback)])
+        _swap_cb(learn, HardPruneCallback(tg)); ctx.fit(learn, a.cifar_retrain_epochs, a.cifar_lr, stage=f'retrain-{r:g}')
+        v = acc(learn.model, dls.valid); rungs.append(dict(rate=r, valid_acc=v))
+        if 100 * (dense_val - v) > a.cifar_budget: break      # later rungs would lose more
+        chosen, sd = r, copy.deepcopy(learn.model.state_dict())
+    if chosen is None: return dict(rungs=rungs, acc=None, note=f'no rung within {a.cifar_budget} points on validation')
+    learn.model.load_state_dict(sd)
+    qt = cifar_targets(learn.model, kind, chosen, a.cifar_bits)
+    _swap_cb(learn, HardPruneCallback(qt)); ctx.fit(learn, a.cifar_retrain_epochs, a.cifar_lr / 10, stage=f'quant-{chosen:g}')
+    rep = compression_report(learn.model, (3, 32, 32)).iloc[-1]
+    res = dict(rungs=rungs, rate=chosen, bits=a.cifar_bits, valid_acc=acc(learn.model, dls.valid), acc=acc(learn.model, test),
+               kept=int(rep['kept']), bytes=float(rep['bytes']))
+    if kind == 'structured':
+        small = shrink_blocks(learn.model)
+        srep = compression_report(small, (3, 32, 32)).iloc[-1]
+        res.update(acc_shrunk=acc(small, test), kept=int(srep['kept']), bytes=float(srep['bytes']), kept_masked=res['kept'],
+                   bytes_masked=res['bytes'], macs=int(srep['macs_dense']), params_shrunk=int(sum(p.numel() for p in small.parameters())),
+                   latency_ms=latency(small))
+    else:
+        res.update(macs=int(rep['macs_sparse']), macs_dense_kernels=int(rep['macs_dense']), latency_ms=latency(learn.model),
+                   latency_sparse_fc_ms=latency(sparse_linear_copy(learn.model)))
+    return res
+
+# ------------------------------------------------------------------------------------------------------- plan
+if a.part != 'all' and not a.only: a.only = f'{a.part}-*'   # plan every run (the report covers both parts), run one part
+bench = runner.Benchmark(a.out, a)
+if True:
+    bench.add(lenet_dense, 'lenet-dense', part='lenet', seed=a.seed, n_train=a.n_train, n_valid=a.n_valid, bs=a.bs, lr=a.lr, dense_epochs=a.dense_epochs)
+    common = dict(part='lenet', seed=a.seed, n_train=a.n_train, n_valid=a.n_valid, bs=a.bs, lr=a.lr, dense_epochs=a.dense_epochs,
+                  rates=RATES, admm_epochs=a.admm_epochs, retrain_epochs=a.retrain_epochs, zu_every=a.zu_every,
+                  rho=[a.rho, a.rho_factor, a.rho_max])
+    bench.add(lenet_ladder, 'lenet-admm', method='admm', **common)
+    bench.add(lenet_ladder, 'lenet-magnitude', method='magnitude', **common)
+if True:
+    cc = dict(part='cifar', seed=a.seed, n_train=a.n_train, n_valid=a.n_valid, bs=a.bs, arch=a.cifar_arch, dense_epochs=a.cifar_dense_epochs,
+              admm_epochs=a.cifar_admm_epochs, retrain_epochs=a.cifar_retrain_epochs, lr=a.cifar_lr, bits=a.cifar_bits,
+              budget=a.cifar_budget, rho=[a.rho, a.rho_factor, a.rho_max], zu_every=a.zu_every, threads=a.latency_threads)
+    bench.add(cifar_run, 'cifar-dense', kind='dense', **cc)
+    bench.add(cifar_run, 'cifar-nonstructured', kind='nonstructured', rates=a.cifar_ns_rates, **cc)
+    bench.add(cifar_run, 'cifar-structured', kind='structured', rates=a.cifar_s_rates, **cc)
+runs = bench.run()
+
+def chosen_rate(ladder, dense_val, budget):
+    "The highest rung whose validation accuracy is within `budget` points of dense (None if none)"
+    ok = [r for r in ladder if 100 * (dense_val - r['valid_acc']) <= budget]
+    return max(ok, key=lambda r: r['rate']) if ok else None
+
+if {'lenet-dense', 'lenet-admm'} <= set(runs):
+    d = runs['lenet-dense']['result']
+    best = chosen_rate(runs['lenet-admm']['result']['rungs'], d['valid_acc'], 0.1)
+    rate = best['target_rate'] if best else RATES[0]
+    bench.add(lenet_quant, 'lenet-quant', rate=rate, quant_budget=a.quant_budget, quant_epochs=a.quant_epochs, **common)
+    runs = bench.run()
+
+# ------------------------------------------------------------------------------------------------------- report
+def plots(runs):
+    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+    out = []
+    if 'lenet-admm' in runs and 'lenet-magnitude' in runs:
+        fig, axs = plt.subplots(1, 2, figsize=(11, 3.5))
+        for m, st in (('admm', 'o-'), ('magnitude', 's--')):
+            rs = runs[f'lenet-{m}']['result']['rungs']
+            axs[0].plot([r['rate'] for r in rs], [100 * r['test_acc'] for r in rs], st, label=m)
+            c = [100 * v for r in rs for v in r['curve']]
+            axs[1].plot(range(1, len(c) + 1), c, label=m)
+        if 'lenet-dense' in runs: axs[0].axhline(100 * runs['lenet-dense']['result']['test_acc'], color='k', lw=.7, label='dense')
+        axs[0].set_xscale('log'); axs[0].set_xlabel('pruning rate (total / kept)'); axs[0].set_ylabel('test accuracy (%)'); axs[0].legend()
+        axs[1].set_xlabel('epoch (all rungs)'); axs[1].set_ylabel('validation accuracy (%)'); axs[1].set_title('per-epoch curves'); axs[1].legend()
+        plt.tight_layout(); f = RESULTS/f'{a.out}_ladder.png'; fig.savefig(f, dpi=110); plt.close(fig); out.append(f.name)
+    lat = {k: runs[f'cifar-{k}']['result'].get('latency_ms') for k in ('dense', 'structured', 'nonstructured') if f'cifar-{k}' in runs}
+    lat = {k: v for k, v in lat.items() if v}
+    if lat:
+        fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
+        for ax, bs in zip(axs, ('1', '64')):
+            ax.bar(list(lat), [v[bs] if bs in v else v[int(bs)] for v in lat.values()]); ax.set_ylabel('ms'); ax.set_title(f'CPU latency, batch {bs}')
+        plt.tight_layout(); f = RESULTS/f'{a.out}_latency.png'; fig.savefig(f, dpi=110); plt.close(fig); out.append(f.name)
+    return out
+
+def summarise(runs):
+    s, md = dict(command=command_line()), []
+    if 'lenet-dense' in runs:
+        d = runs['lenet-dense']['result']; s.update(train_images=d['train_images'], dense_acc=d['test_acc'])
+        md.append(f"LeNet-5 dense: {100*d['test_acc']:.2f}% test ({d['fit_images']} images fitted, {d['valid_images']} held out for validation).")
+    if 'lenet-admm' in runs and 'lenet-dense' in runs:
+        dv, rungs = runs['lenet-dense']['result']['valid_acc'], runs['lenet-admm']['result']['rungs']
+        mag = {r['target_rate']: r for r in runs.get('lenet-magnitude', {}).get('result', {}).get('rungs', [])}
+        for b, k in ((0.1, '0p1'), (0.5, '0p5')):
+            r = chosen_rate(rungs, dv, b)
+            s[f'rate_at_{k}'], s[f'acc_at_{k}'] = (r['rate'], r['test_acc']) if r else (None, None)
+        r = chosen_rate(rungs, dv, 0.1) or chosen_rate(rungs, dv, 0.5)
+        s['magnitude_acc_at_same_rate'] = mag[r['target_rate']]['test_acc'] if r and r['target_rate'] in mag else None
+        md.append(md_table([dict(rate=f"{r['rate']:.1f}x", admm_valid=f"{100*r['valid_acc']:.2f}", admm_test=f"{100*r['test_acc']:.2f}",
+                                 magnitude_test=f"{100*mag[r['target_rate']]['test_acc']:.2f}" if r['target_rate'] in mag else '')
+                            for r in rungs]))
+    if 'lenet-quant' in runs:
+        q = runs['lenet-quant']['result']
+        s.update(quant_bits=q['bits'], compressed_file=q['file'], compressed_file_bytes=q['file_bytes'], compressed_file_acc=q['file_test_acc'],
+                 quant_acc=q['test_acc'], quant_rate=q['rate'], report_bytes=q['report_bytes'])
+        md.append(f"Quantized at {q['rate']:.1f}x with bits {q['bits']}: {100*q['test_acc']:.2f}% test; `{q['file']}` is "
+                  f"{q['file_bytes']} bytes on disk against {q['report_bytes']:.0f} reported ({q['file_bytes']/q['report_bytes']-1:+.1%}); "
+                  f"reloaded: {100*q['file_test_acc']:.2f}% test.")
+        md.append(md_table([dict(layer=r['layer'], kept=r['kept'], format=r.get('format'), value_bits=r.get('value_bits'),
+                                 index_bits=r.get('index_bits'), bytes=round(r['bytes'])) for r in q['layers']]))
+    c = {k: runs[f'cifar-{k}']['result'] for k in ('dense', 'nonstructured', 'structured') if f'cifar-{k}' in runs}
+    if 'dense' in c:
+        keys = ('acc', 'kept', 'bytes', 'macs', 'latency_ms')
+        s['cifar10'] = dict(dense_acc=c['dense']['acc'], **{k: {kk: v.get(kk) for kk in keys} for k, v in c.items() if k != 'dense'})
+        md.append(md_table([dict(model=k, acc=f"{100*v['acc']:.2f}" if v.get('acc') is not None else '', kept=v.get('kept'),
+                                 bytes=round(v['bytes']) if v.get('bytes') else '', macs=v.get('macs'),
+                                 latency_b1_ms=f"{v['latency_ms']['1']:.2f}" if v.get('latency_ms') else '',
+                                 latency_b64_ms=f"{v['latency_ms']['64']:.1f}" if v.get('latency_ms') else '') for k, v in c.items()]))
+    imgs = plots(runs)
+    md += [f"![{i}]({i})" for i in imgs]
+    return s, '\n\n'.join(md)
+
+bench.report(summarise)

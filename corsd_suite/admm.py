@@ -6,7 +6,7 @@ Docs: https://corsd-suite.github.io/corsd_suite/admm.html.md"""
 
 # %% ../nbs/40_admm.ipynb #8d6c7ee5
 from __future__ import annotations
-import math, itertools
+import math, itertools, copy, warnings, json, os, tempfile, zlib, hashlib, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
@@ -20,9 +20,11 @@ from .core import check_finite, seed_everything, demo_row, unwrap, save_atomic, 
 __all__ = ['KINDS', 'LENET5_LAYERS', 'ADMM_LENET5_KEEP', 'topk_mask', 'prune_mask', 'prune_unstructured', 'group_matrix',
            'group_mask', 'prune_structured', 'max_level', 'quantize_to', 'best_interval', 'quantize', 'Target',
            'project', 'weight_layers', 'resolve_targets', 'ADMMState', 'ADMM', 'ADMMCallback', 'HardPruneState',
-           'HardPrune', 'HardPruneCallback', 'relative_index_entries', 'layer_storage', 'compression_report',
-           'apply_targets', 'plain_state_dict', 'export_compressed', 'load_compressed', 'lenet5_targets', 'admm_prune',
-           'magnitude_prune', 'admm_row']
+           'HardPrune', 'HardPruneCallback', 'relative_index_entries', 'layer_storage', 'plain_state_dict',
+           'compression_report', 'apply_targets', 'export_compressed', 'CompressedFileError', 'compressed_bytes',
+           'save_compressed', 'read_compressed', 'load_compressed', 'lenet5_targets', 'admm_prune', 'magnitude_prune',
+           'plain_copy', 'live_channels', 'shrink_blocks', 'SparseLinear', 'sparse_linear_copy', 'cpu_latency',
+           'admm_row']
 
 # %% ../nbs/40_admm.ipynb #bb0fec2f
 KINDS = ('unstructured', 'filter', 'channel', 'column')
@@ -36,23 +38,33 @@ def _n_keep(n:int, keep=None, rate=None, what:str='weights') -> int:
     if not 1 <= keep <= n: raise ValueError(f"keep must be between 1 and {n} {what}; got {keep}")
     return int(keep)
 
-def topk_mask(scores:torch.Tensor, k:int) -> torch.Tensor:
+def topk_mask(scores:torch.Tensor, # scores (flattened)
+              k:int # how many entries to keep
+             ) -> torch.Tensor:
     "Boolean mask of the `k` largest entries of the 1-d `scores`"
     m = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     m[scores.flatten().topk(k, sorted=False).indices] = True
     return m
 
-def prune_mask(w:torch.Tensor, keep=None, rate=None) -> torch.Tensor:
+def prune_mask(w:torch.Tensor, # weight tensor
+               keep=None, # how many weights stay
+               rate=None # or: fraction of weights removed, in (0, 1)
+              ) -> torch.Tensor:
     "Mask of the non-structured projection: the `keep` largest |w| (or all but a fraction `rate`)"
     k = _n_keep(w.numel(), keep, rate)
     return topk_mask(w.detach().abs().float(), k).view(w.shape)
 
-def prune_unstructured(w:torch.Tensor, keep=None, rate=None) -> torch.Tensor:
+def prune_unstructured(w:torch.Tensor, # weight tensor
+                       keep=None, # how many weights stay
+                       rate=None # or: fraction of weights removed, in (0, 1)
+                      ) -> torch.Tensor:
     "Euclidean projection of `w` onto tensors with at most `keep` nonzeros"
     return w * prune_mask(w, keep, rate)
 
 # %% ../nbs/40_admm.ipynb #0ae371c8
-def group_matrix(w:torch.Tensor, kind:str) -> torch.Tensor:
+def group_matrix(w:torch.Tensor, # conv or linear weight
+                 kind:str # 'filter', 'channel' or 'column'
+                ) -> torch.Tensor:
     "`w` as a (groups × members) matrix for structured pruning of `kind` ('filter', 'channel' or 'column')"
     if kind == 'filter':  return w.flatten(1)
     if kind == 'channel': return w.transpose(0, 1).flatten(1)
@@ -65,23 +77,35 @@ def _ungroup(g:torch.Tensor, shape, kind:str) -> torch.Tensor:
     if kind == 'channel': return g.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
     return g.t().reshape(shape)
 
-def group_mask(w:torch.Tensor, kind:str, keep=None, rate=None) -> torch.Tensor:
+def group_mask(w:torch.Tensor, # conv or linear weight
+               kind:str, # 'filter', 'channel' or 'column'
+               keep=None, # how many groups stay
+               rate=None # or: fraction of groups removed, in (0, 1)
+              ) -> torch.Tensor:
     "Mask keeping the `keep` groups of `kind` with the largest L2 norm"
     g = group_matrix(w.detach().float(), kind)
     kept = topk_mask(g.norm(dim=1), _n_keep(g.shape[0], keep, rate, f'{kind}s'))
     return _ungroup(kept[:, None].expand(g.shape), w.shape, kind)
 
-def prune_structured(w:torch.Tensor, kind:str='filter', keep=None, rate=None) -> torch.Tensor:
+def prune_structured(w:torch.Tensor, # conv or linear weight
+                     kind:str='filter', # 'filter', 'channel' or 'column'
+                     keep=None, # how many groups stay
+                     rate=None # or: fraction of groups removed, in (0, 1)
+                    ) -> torch.Tensor:
     "Euclidean projection of `w` onto tensors with at most `keep` nonzero groups of `kind`"
     return w * group_mask(w, kind, keep, rate)
 
 # %% ../nbs/40_admm.ipynb #53b74556
-def max_level(bits:int) -> int:
+def max_level(bits:int # bit width (integer >= 1)
+             ) -> int:
     "Largest level index M: levels are {0, ±q, …, ±Mq} (1 bit: {±q})"
     if int(bits) != bits or bits < 1: raise ValueError(f"bits must be an integer >= 1; got {bits}")
     return 1 if bits == 1 else 2**(int(bits)-1) - 1
 
-def quantize_to(w:torch.Tensor, q:float, bits:int) -> torch.Tensor:
+def quantize_to(w:torch.Tensor, # tensor to round
+                q:float, # interval between levels
+                bits:int # bit width (integer >= 1)
+               ) -> torch.Tensor:
     "Round `w` to the nearest of the equal-interval levels of `bits` with interval `q` (zeros stay zero)"
     M = max_level(bits)
     if bits == 1: return torch.sign(w) * q
@@ -89,7 +113,11 @@ def quantize_to(w:torch.Tensor, q:float, bits:int) -> torch.Tensor:
 
 def _qerr(v, q, bits): return float(((v - quantize_to(v, q, bits))**2).sum())
 
-def best_interval(w:torch.Tensor, bits:int, n_grid:int=64, n_iter:int=20) -> float:
+def best_interval(w:torch.Tensor, # tensor to quantize (its zeros are ignored)
+                  bits:int, # bit width (integer >= 1)
+                  n_grid:int=64, # grid points on each side of max|w|/M
+                  n_iter:int=20 # least-squares refinement steps at most
+                 ) -> float:
     "Interval q minimising the quantization error of the nonzero entries of `w` (grid search, then refinement)"
     M, v = max_level(bits), w.detach().double().flatten()
     v = v[v != 0]
@@ -108,7 +136,10 @@ def best_interval(w:torch.Tensor, bits:int, n_grid:int=64, n_iter:int=20) -> flo
         q, err = q2, e2
     return q
 
-def quantize(w:torch.Tensor, bits:int, q:float|None=None):
+def quantize(w:torch.Tensor, # tensor to quantize (zeros stay zero)
+             bits:int, # bit width (integer >= 1)
+             q:float|None=None # interval (None: the best, from `best_interval`)
+            ):
     "Projection of `w` onto `bits`-bit equal-interval levels; returns (quantized w, interval q)"
     q = best_interval(w, bits) if q is None else q
     return quantize_to(w, q, bits), q
@@ -116,7 +147,10 @@ def quantize(w:torch.Tensor, bits:int, q:float|None=None):
 # %% ../nbs/40_admm.ipynb #0e96085d
 class Target(BasicRepr):
     "Constraint of one layer: keep `keep` (or prune a fraction `rate` of) weights/groups of `kind`, and/or `bits`"
-    def __init__(self, rate:float|None=None, keep:int|None=None, kind:str='unstructured', bits:int|None=None):
+    def __init__(self, rate:float|None=None, # fraction of weights/groups removed, in (0, 1)
+                 keep:int|None=None, # or: how many weights/groups stay
+                 kind:str='unstructured', # 'unstructured', 'filter', 'channel' or 'column'
+                 bits:int|None=None): # quantize the survivors to this bit width (None: no quantization)
         if kind not in KINDS: raise ValueError(f"unknown pruning kind {kind!r}; choose one of {KINDS}")
         if rate is not None and keep is not None: raise ValueError("give `rate` or `keep`, not both")
         if rate is not None and not 0 < rate < 1: raise ValueError(f"pruning rate must be in (0, 1) (the fraction removed); got {rate}")
@@ -133,13 +167,17 @@ class Target(BasicRepr):
         return group_mask(w, self.kind, self.keep, self.rate)
     __repr__ = basic_repr('rate,keep,kind,bits')
 
-def project(w:torch.Tensor, t:Target, q:float|None=None):
+def project(w:torch.Tensor, # weight tensor
+            t:Target, # its constraint
+            q:float|None=None # quantization interval (None: the best)
+           ):
     "Projection of `w` onto the set of target `t`: prune, then quantize the survivors; returns (z, q or None)"
     z = w * t.mask(w) if t.prunes else w
     if t.bits is None: return z, None
     return quantize(z, t.bits, q)
 
-def weight_layers(model:nn.Module) -> dict:
+def weight_layers(model:nn.Module # any model (DDP-wrapped or not)
+                 ) -> dict:
     "The conv and linear layers of `model` by module name"
     return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))}
 
@@ -149,7 +187,9 @@ def _as_target(t) -> Target:
     if isinstance(t, (int, float)): return Target(rate=float(t))
     raise TypeError(f"a target must be a Target, a dict of Target arguments or a pruning rate; got {type(t).__name__}")
 
-def resolve_targets(model:nn.Module, targets:dict) -> dict:
+def resolve_targets(model:nn.Module, # the model whose layers are named
+                    targets:dict # {layer name: Target, pruning rate or dict of Target arguments}
+                   ) -> dict:
     "Map `{module name: Target | rate | dict}` to `{name: (module, Target)}` on `model`"
     if not targets: raise ValueError("`targets` is empty: name at least one layer to constrain")
     mods = dict(unwrap(model).named_modules())
@@ -253,7 +293,9 @@ class ADMM:
     def __init__(self, model:nn.Module, # the model (its constrained layers are found by name)
                  targets:dict,          # {layer name: Target}
                  state:ADMMState,       # where Z, U, q, ρ and the counters live
-                 rho_schedule=None, every:int=1, unit:str='epoch'):
+                 rho_schedule=None, # (factor, rho_max), f(rho, n_updates) -> rho, or None (fixed ρ)
+                 every:int=1, # update every `every` units
+                 unit:str='epoch'): # 'epoch' or 'batch'
         store_attr('state,rho_schedule,every,unit')
         self.layers = resolve_targets(model, targets)
         if list(self.layers) != state.names: raise ValueError(f"ADMM state is for layers {state.names}, targets name {list(self.layers)}")
@@ -437,7 +479,8 @@ class HardPruneCallback(_ModelStateCallback):
     "Masked retraining: masks and quantization levels fixed from Π(W), imposed on grads and weights every step"
     order, run_valid, _attr = 65, False, 'hard_prune'
     run_after = MixedPrecision   # grads are masked once unscaled
-    def __init__(self, targets:dict): # {layer name: Target, pruning rate or dict of Target arguments}
+    def __init__(self, targets:dict # {layer name: Target, pruning rate or dict of Target arguments}
+                ):
         if not targets: raise ValueError("`targets` is empty: name at least one layer to constrain")
         self.targets, self.state, self.engine = {k: _as_target(t) for k, t in targets.items()}, None, None
 
@@ -478,7 +521,9 @@ class HardPruneCallback(_ModelStateCallback):
         return self.engine.check()
 
 # %% ../nbs/40_admm.ipynb #a10fa550
-def relative_index_entries(mask:torch.Tensor, p:int) -> int:
+def relative_index_entries(mask:torch.Tensor, # boolean mask of the kept weights (any shape; flattened in order)
+                           p:int # bits of one relative-index gap
+                          ) -> int:
     "Entries (nonzeros + filler zeros) stored by relative indexing with `p`-bit gaps"
     pos = mask.flatten().nonzero().flatten().double()
     if pos.numel() == 0: return 0
@@ -504,7 +549,15 @@ def _out_positions(model, input_shape):
         for h in hooks: h.remove()
     return pos
 
-def layer_storage(w:torch.Tensor, index_bits:int|None=None) -> dict:
+def _sparse_bits(mask, nnz, Lnz, p):
+    "(bits, value bits) of relative indexing with `p`-bit gaps: filler entries need a value code of their own"
+    e = relative_index_entries(mask, p)
+    vb = 32 if Lnz is None else _value_bits(Lnz + (e > nnz))
+    return e * (vb + p), vb
+
+def layer_storage(w:torch.Tensor, # one conv/linear weight tensor
+                  index_bits:int|None=None # relative-index gap bits (None: the best of 1–16)
+                 ) -> dict:
     "Storage (bits) of one weight tensor as dense, relative-indexed sparse and structured block; the cheapest wins"
     w = w.detach().float().cpu()
     n, mask = w.numel(), w != 0
@@ -512,10 +565,9 @@ def layer_storage(w:torch.Tensor, index_bits:int|None=None) -> dict:
     L = _levels(w); Lnz = None if L is None else len(w[mask].unique())
     book = 0 if L is None else 32 * L
     dense_bits = n * _value_bits(L) + book
-    vb = _value_bits(Lnz) if nnz else 0
     ps = [index_bits] if index_bits else range(1, 17)
-    sp = min(((relative_index_entries(mask, p) * (vb + p), p) for p in ps), key=lambda o: o[0])
-    sparse_bits, p = sp[0] + book, sp[1]
+    sparse_bits, vb, p = min((*_sparse_bits(mask, nnz, Lnz, p), p) for p in ps)
+    sparse_bits += book
     g = mask.flatten(1)
     rows, cols = g.any(1), g.any(0)
     block = int(rows.sum()) * int(cols.sum())
@@ -526,7 +578,25 @@ def layer_storage(w:torch.Tensor, index_bits:int|None=None) -> dict:
                 format=fmt[0], bits=fmt[1], dense_bits=dense_bits, sparse_bits=sparse_bits, structured_bits=struct_bits,
                 block=block, filters_kept=int(rows.sum()), columns_kept=int(cols.sum()))
 
-def compression_report(model:nn.Module, input_shape=(1, 28, 28), index_bits:int|None=None, names:dict|None=None) -> pd.DataFrame:
+def _other_bytes(model) -> int:
+    "Bytes of every tensor of the plain state dict that is not a conv/linear weight (biases, norms, buffers), at its own dtype"
+    m = unwrap(model)
+    wk = {f'{n}.weight' for n in weight_layers(m)}
+    return sum(v.numel() * v.element_size() for k, v in plain_state_dict(m).items() if k not in wk)
+
+def plain_state_dict(model:nn.Module # a model, possibly carrying ADMM/pruning state modules
+                    ) -> dict:
+    "The state dict of `model` without the ADMM and pruning state modules (loads into the plain architecture)"
+    m = unwrap(model)
+    skip = tuple(f'{n}.' for n, o in m.named_modules() if isinstance(o, _State))
+    return {k: v for k, v in m.state_dict().items() if not k.startswith(skip)}
+
+def compression_report(model:nn.Module, # the (pruned, quantized) model
+                       input_shape=(1, 28, 28), # one input's shape, for the MACs
+                       index_bits:int|None=None, # relative-index gap bits (None: the best per layer)
+                       names:dict|None=None, # {module name: display name}
+                       others:bool=True # add a row 'other' for biases, norms and buffers (stored as they are)
+                      ) -> pd.DataFrame:
     "Per layer and total: kept weights, pruning rate, bits, index overhead, storage vs dense fp32, MACs"
     pos, rows = _out_positions(model, input_shape), []
     for n, m in weight_layers(model).items():
@@ -536,6 +606,10 @@ def compression_report(model:nn.Module, input_shape=(1, 28, 28), index_bits:int|
                  macs_sparse=r['kept'] * pos[n], macs_block=r['block'] * pos[n])
         rows.append(r)
     df = pd.DataFrame(rows)
+    if others and (ob := _other_bytes(model)):
+        df = pd.concat([df, pd.DataFrame([dict(layer='other', format='raw', bits=8 * ob, bytes=ob, dense_fp32_bytes=ob,
+                                               weights=0, kept=0, filler=0, block=0, macs_dense=0, macs_sparse=0, macs_block=0)])],
+                       ignore_index=True)
     tot = {c: df[c].sum() for c in ['weights', 'kept', 'bits', 'dense_bits', 'sparse_bits', 'structured_bits', 'block',
                                      'filler', 'bytes', 'dense_fp32_bytes', 'macs_dense', 'macs_sparse', 'macs_block']}
     tot.update(layer='total', sparsity=1 - tot['kept'] / tot['weights'], ratio=tot['weights'] / max(tot['kept'], 1))
@@ -545,21 +619,18 @@ def compression_report(model:nn.Module, input_shape=(1, 28, 28), index_bits:int|
 
 # %% ../nbs/40_admm.ipynb #008b573d
 @torch.no_grad()
-def apply_targets(model:nn.Module, targets:dict) -> nn.Module:
+def apply_targets(model:nn.Module, # the model to project (in place)
+                  targets:dict # {layer name: Target, pruning rate or dict of Target arguments}
+                 ) -> nn.Module:
     "Set the weights of `model` to their projections onto `targets` (hard pruning/quantization in place)"
     for n, (m, t) in resolve_targets(model, targets).items(): m.weight.copy_(project(m.weight.detach(), t)[0])
     return model
 
-def plain_state_dict(model:nn.Module) -> dict:
-    "The state dict of `model` without the ADMM and pruning state modules (loads into the plain architecture)"
-    m = unwrap(model)
-    skip = tuple(f'{n}.' for n, o in m.named_modules() if isinstance(o, _State))
-    return {k: v for k, v in m.state_dict().items() if not k.startswith(skip)}
-
 def export_compressed(model:nn.Module, # the trained model
                       fname, # file to write (atomically)
                       targets:dict|None=None, # project the weights onto these first (a model trained without hard pruning)
-                      input_shape=(1, 28, 28)) -> Path: # one input's shape, for the report's MACs
+                      input_shape=(1, 28, 28) # one input's shape, for the report's MACs
+                     ) -> Path:
     "Save the (projected) weights of `model` as a plain state dict with its compression report"
     m = unwrap(model)
     if targets: apply_targets(m, targets)
@@ -567,24 +638,241 @@ def export_compressed(model:nn.Module, # the trained model
     rep = _plain(compression_report(m, input_shape).to_dict("records"), "compression report")   # numbers, not numpy objects
     return save_atomic(dict(state_dict=sd, report=rep), fname)
 
-def load_compressed(model:nn.Module, # the plain architecture
-                    fname) -> nn.Module: # a file written by `export_compressed`
-    "Load an `export_compressed` file into the plain architecture `model` (the file is read weights-only: it runs no code)"
-    fname = Path(fname)
-    if not fname.is_file(): raise FileNotFoundError(f"compressed model {fname} does not exist")
+def _load_torch_file(model:nn.Module, fname:Path) -> nn.Module:
+    "Load an `export_compressed` file (read weights-only) into the plain architecture `model`"
     try: d = torch.load(fname, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read compressed model {fname}: truncated, corrupt, or holding objects other than tensors "
                          f"and plain data ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(d, dict) or 'state_dict' not in d: raise ValueError(f"{fname} was not written by `export_compressed`")
+    if not isinstance(d, dict) or 'state_dict' not in d: raise ValueError(f"{fname} was not written by `export_compressed` or `save_compressed`")
     unwrap(model).load_state_dict(d['state_dict'])
+    return model
+
+# %% ../nbs/40_admm.ipynb #b6ea019a
+class CompressedFileError(ValueError):
+    "A compressed model file that is missing, truncated, tampered with or not of this format (the message names the file)"
+
+_MAGIC, _FMT_VERSION, _MAX_HEADER = b'CORSDZ\x00\x01', 1, 1 << 20
+_DTYPES = {str(d).removeprefix('torch.'): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                                      torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+def _pack(codes:np.ndarray, bits:int) -> bytes:
+    "Unsigned integer `codes` packed at `bits` bits each (little-endian bit order, the last byte zero-padded)"
+    c = np.asarray(codes, dtype=np.uint64).reshape(-1)
+    b = ((c[:, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
+    return np.packbits(b.reshape(-1), bitorder='little').tobytes()
+
+def _unpack(buf:bytes, n:int, bits:int) -> np.ndarray:
+    "Inverse of `_pack`: `n` codes of `bits` bits"
+    b = np.unpackbits(np.frombuffer(buf, np.uint8), bitorder='little')[:n * bits].reshape(n, bits).astype(np.uint64)
+    return (b << np.arange(bits, dtype=np.uint64)).sum(1)
+
+def _nbytes(n:int, bits:int) -> int: return (n * bits + 7) // 8
+
+def _f32_codes(v:np.ndarray) -> np.ndarray: return np.ascontiguousarray(v, dtype=np.float32).view(np.uint32)
+
+def _encode_weight(w:torch.Tensor, index_bits:int|None=None):
+    "One conv/linear weight in the format `layer_storage` chose: (header entry, list of byte sections)"
+    w = w.detach().float().cpu()
+    st = layer_storage(w, index_bits)
+    v = w.numpy().reshape(-1)
+    book = None if st['levels'] is None else np.unique(v).astype(np.float32)   # every level, zero included
+    h = dict(enc=st['format'], levels=st['levels'])
+    secs = [] if book is None else [book.tobytes()]
+    vbits = _value_bits(st['levels'])
+    if st['format'] == 'dense':
+        secs.append(_pack(_f32_codes(v) if book is None else np.searchsorted(book, v), vbits))
+    elif st['format'] == 'structured':
+        g = (w != 0).flatten(1); rows, cols = g.any(1), g.any(0)
+        blk = w.flatten(1)[rows][:, cols].numpy().reshape(-1)
+        h.update(filters=int(rows.sum()), columns=int(cols.sum()))
+        secs += [_pack(rows.numpy(), 1), _pack(cols.numpy(), 1), _pack(_f32_codes(blk) if book is None else np.searchsorted(book, blk), vbits)]
+    else:
+        p, pos = st['index_bits'], np.flatnonzero(v)
+        gaps = np.diff(pos, prepend=-1)
+        fill = -(-gaps // 2**p) - 1                                # filler entries before each nonzero
+        real = np.cumsum(fill + 1) - 1                             # where the nonzeros sit among the entries
+        n_ent = int(real[-1]) + 1 if len(pos) else 0
+        gcodes = np.full(n_ent, 2**p - 1, dtype=np.uint64)         # a filler advances by 2**p
+        gcodes[real] = gaps - fill * 2**p - 1
+        if book is None: vals, vcodes = _f32_codes(v[pos]), np.zeros(n_ent, dtype=np.uint64)   # filler: 0.0
+        else:
+            nz = book[book != 0]
+            vals, vcodes = np.searchsorted(nz, v[pos]), np.full(n_ent, len(nz), dtype=np.uint64)  # filler: one more code
+        vcodes[real] = vals
+        h.update(index_bits=p, value_bits=st['value_bits'], entries=n_ent, kept=len(pos))
+        secs += [_pack(gcodes, p), _pack(vcodes, st['value_bits'])]
+    return h, secs
+
+def _expected_sizes(h:dict, shape) -> list:
+    "Byte length of every section of a tensor entry, from the header alone"
+    n = math.prod(shape)
+    if h['enc'] == 'raw': return [n * _DTYPES[h['dtype']].itemsize]
+    L = h['levels']; vb = _value_bits(L)
+    book = [] if L is None else [4 * L]
+    if h['enc'] == 'dense': return book + [_nbytes(n, vb)]
+    if h['enc'] == 'structured':
+        F = shape[0]; C = n // F
+        return book + [_nbytes(F, 1), _nbytes(C, 1), _nbytes(h['filters'] * h['columns'], vb)]
+    return book + [_nbytes(h['entries'], h['index_bits']), _nbytes(h['entries'], h['value_bits'])]
+
+def _check_entry(h:dict):
+    "Fail (KeyError/ValueError/TypeError) on a header entry whose fields are missing or out of range"
+    def _int(k, lo, hi):
+        v = h[k]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi: raise ValueError(f"{k}={v!r} out of range [{lo}, {hi}]")
+    if not isinstance(h['name'], str) or not isinstance(h['shape'], list): raise ValueError("bad name or shape")
+    for s in h['shape']:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0: raise ValueError(f"bad shape {h['shape']}")
+    if h['dtype'] not in _DTYPES: raise ValueError(f"unknown dtype {h['dtype']!r}")
+    if h['enc'] not in ('raw', 'dense', 'sparse', 'structured'): raise ValueError(f"unknown encoding {h['enc']!r}")
+    if h['enc'] == 'raw': return
+    n = math.prod(h['shape'])
+    if len(h['shape']) < 2 or n == 0: raise ValueError(f"a {h['enc']} weight needs a non-empty shape of 2+ dims; got {h['shape']}")
+    if h['levels'] is not None: _int('levels', 1, 256)
+    if h['enc'] == 'structured': _int('filters', 0, h['shape'][0]); _int('columns', 0, n // h['shape'][0])
+    if h['enc'] == 'sparse':
+        _int('index_bits', 1, 16); _int('value_bits', 1, 32); _int('entries', 0, n); _int('kept', 0, h['entries'])
+
+def _decode_weight(h:dict, secs:list) -> torch.Tensor:
+    "Inverse of `_encode_weight`; raises ValueError on codes the header does not allow"
+    shape, n, L = h['shape'], math.prod(h['shape']), h['levels']
+    book = None
+    if L is not None:
+        book = np.frombuffer(secs.pop(0), np.float32).copy()
+        if not np.isfinite(book).all() or (np.diff(book) <= 0).any(): raise ValueError("codebook not sorted, finite and distinct")
+    def values(codes, table):
+        if table is None: return codes.astype(np.uint32).view(np.float32)
+        if len(codes) and codes.max() >= len(table): raise ValueError("value code beyond the codebook")
+        return table[codes.astype(np.int64)]
+    vb = _value_bits(L)
+    if h['enc'] == 'dense': out = values(_unpack(secs[0], n, vb), book)
+    elif h['enc'] == 'structured':
+        F = shape[0]; C = n // F
+        rows, cols = _unpack(secs[0], F, 1).astype(bool), _unpack(secs[1], C, 1).astype(bool)
+        if rows.sum() != h['filters'] or cols.sum() != h['columns']: raise ValueError("kept filters/columns disagree with the header")
+        out = np.zeros((F, C), np.float32)
+        out[np.ix_(rows, cols)] = values(_unpack(secs[2], h['filters'] * h['columns'], vb), book).reshape(h['filters'], h['columns'])
+    else:
+        E, p = h['entries'], h['index_bits']
+        gaps, vc = _unpack(secs[0], E, p).astype(np.int64) + 1, _unpack(secs[1], E, h['value_bits'])
+        nz = None if book is None else book[book != 0]
+        filler = 0 if nz is None else len(nz)
+        real = vc != filler
+        fill_ok = gaps[~real] == 2**p
+        if int(real.sum()) != h['kept'] or not fill_ok.all() or (E and not real[-1]):
+            raise ValueError("relative index entries disagree with the header (kept count, filler gaps or a trailing filler)")
+        pos = np.cumsum(gaps)[real] - 1
+        if len(pos) and pos[-1] >= n: raise ValueError(f"a position ({pos[-1]}) beyond the {n} weights")
+        out = np.zeros(n, np.float32)
+        out[pos] = values(vc[real], nz)
+    return torch.from_numpy(np.ascontiguousarray(out).reshape(shape).copy()).to(_DTYPES[h['dtype']])
+
+def _weight_keys(model:nn.Module) -> set:
+    return {f'{n}.weight' for n, m in weight_layers(model).items() if m.weight.ndim >= 2}
+
+def compressed_bytes(model:nn.Module, # the (pruned, quantized) model
+                     index_bits:int|None=None # relative-index gap bits (None: the best per layer, as `compression_report`)
+                    ) -> list:
+    "The sections of the compressed format of `model`: [(header entry, byte sections)] for every tensor of its plain state dict"
+    m, res = unwrap(model), []
+    wk = _weight_keys(m)
+    for k, v in plain_state_dict(m).items():
+        v = v.detach().cpu()
+        if str(v.dtype).removeprefix('torch.') not in _DTYPES: raise TypeError(f"tensor {k} has dtype {v.dtype}, which the compressed format does not store")
+        if k in wk: h, secs = _encode_weight(v, index_bits)
+        else: h, secs = dict(enc='raw'), [v.contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b'']
+        h.update(name=k, shape=list(v.shape), dtype=str(v.dtype).removeprefix('torch.'))
+        res.append((h, secs))
+    return res
+
+def save_compressed(model:nn.Module, # the trained model (pruned and quantized, or not)
+                    fname, # file to write (atomically: a temporary file renamed into place)
+                    targets:dict|None=None, # project the weights onto these first (a model trained without hard pruning)
+                    index_bits:int|None=None # relative-index gap bits (None: the best per layer)
+                   ) -> Path:
+    "Write `model` in the compact format: a small JSON header and bit-packed codes, as priced by `compression_report`"
+    if targets: apply_targets(unwrap(model), targets)
+    parts = compressed_bytes(model, index_bits)
+    payload = b''.join(s for _, secs in parts for s in secs)
+    header = zlib.compress(json.dumps(dict(format='corsd_suite.compressed', version=_FMT_VERSION, tensors=[h for h, _ in parts],
+                                           sha256=hashlib.sha256(payload).hexdigest()),
+                                      separators=(',', ':')).encode(), 9)
+    fname = Path(fname); fname.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=fname.parent, prefix=f'.{fname.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(_MAGIC + len(header).to_bytes(4, 'little') + header + payload)
+            f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, fname)
+    except BaseException:
+        if os.path.exists(tmp): os.remove(tmp)
+        raise
+    return fname
+
+def read_compressed(fname # a file written by `save_compressed`
+                   ) -> dict:
+    "The state dict stored in a `save_compressed` file (numpy reads only: no code runs); CompressedFileError names the file on any fault"
+    fname = Path(fname)
+    if not fname.is_file(): raise FileNotFoundError(f"compressed model {fname} does not exist")
+    data = fname.read_bytes()
+    def bad(why): return CompressedFileError(f"compressed model {fname} is truncated, tampered with or not of this format: {why}")
+    if data[:len(_MAGIC)] != _MAGIC: raise bad("wrong magic bytes")
+    if len(data) < len(_MAGIC) + 4: raise bad("no header length")
+    hl = int.from_bytes(data[len(_MAGIC):len(_MAGIC) + 4], 'little'); start = len(_MAGIC) + 4 + hl
+    if hl > _MAX_HEADER or start > len(data): raise bad(f"header of {hl} bytes does not fit in the file ({len(data)} bytes)")
+    try:
+        dec = zlib.decompressobj(); raw = dec.decompress(data[len(_MAGIC) + 4:start], _MAX_HEADER)
+        if dec.unconsumed_tail or not dec.eof: raise ValueError("header does not decompress to a complete block")
+        head = json.loads(raw)
+        if not isinstance(head, dict) or head.get('format') != 'corsd_suite.compressed' or head.get('version') != _FMT_VERSION:
+            raise ValueError("not a corsd_suite.compressed header of version 1")
+        if not isinstance(head.get('sha256'), str) or not isinstance(head.get('tensors'), list): raise ValueError("no checksum or tensor list")
+        for h in head['tensors']: _check_entry(h)
+        sizes = [_expected_sizes(h, h['shape']) for h in head['tensors']]
+    except (ValueError, KeyError, TypeError, AttributeError, zlib.error) as e: raise bad(f"bad header ({type(e).__name__}: {e})") from None
+    if start + sum(map(sum, sizes)) != len(data):
+        raise bad(f"{len(data)} bytes on disk, the header describes {start + sum(map(sum, sizes))}")
+    if hashlib.sha256(data[start:]).hexdigest() != head['sha256']: raise bad("the payload's checksum does not match the header's")
+    sd, off = {}, start
+    for h, s in zip(head['tensors'], sizes):
+        secs = []
+        for k in s: secs.append(data[off:off + k]); off += k
+        try:
+            if h['enc'] == 'raw':
+                sd[h['name']] = torch.frombuffer(bytearray(secs[0]), dtype=torch.uint8).view(_DTYPES[h['dtype']]).reshape(h['shape']).clone() if secs[0] else torch.zeros(h['shape'], dtype=_DTYPES[h['dtype']])
+            else: sd[h['name']] = _decode_weight(h, secs)
+        except (ValueError, RuntimeError) as e: raise bad(f"{h['name']}: {e}") from None
+    return sd
+
+def load_compressed(model, # the plain architecture: a model, or a function of no arguments that builds one
+                    fname # a file written by `save_compressed` (or by `export_compressed`)
+                   ) -> nn.Module:
+    "Load a compressed model file into the plain architecture (numpy or weights-only reads: the file runs no code)"
+    fname = Path(fname)
+    if not fname.is_file(): raise FileNotFoundError(f"compressed model {fname} does not exist")
+    if not isinstance(model, nn.Module): model = model()
+    with open(fname, 'rb') as f: magic = f.read(len(_MAGIC))
+    if magic != _MAGIC: return _load_torch_file(model, fname)
+    sd, m = read_compressed(fname), unwrap(model)
+    want = plain_state_dict(m)
+    if set(sd) != set(want):
+        raise CompressedFileError(f"{fname} does not fit this architecture: missing {sorted(set(want) - set(sd))[:5]}, "
+                                  f"unexpected {sorted(set(sd) - set(want))[:5]}")
+    for k, v in sd.items():
+        if v.shape != want[k].shape: raise CompressedFileError(f"{fname} does not fit this architecture: {k} has shape {tuple(v.shape)} there, {tuple(want[k].shape)} here")
+    m.load_state_dict(sd, strict=False)
     return model
 
 # %% ../nbs/40_admm.ipynb #8d4099e9
 LENET5_LAYERS = dict(conv1='stages.0.0', conv2='stages.1.0', fc1='head.1', fc2='head.3')
 ADMM_LENET5_KEEP = dict(conv1=.20, conv2=.08, fc1=.009, fc2=.07)
 
-def lenet5_targets(keep:dict|None=None, scale:float=1., bits:int|dict|None=None, kind:str|dict='unstructured') -> dict:
+def lenet5_targets(keep:dict|None=None, # keep fractions per layer (conv1, conv2, fc1, fc2), over the ADMM-paper defaults; None drops a layer
+                   scale:float=1., # multiplies every keep fraction
+                   bits:int|dict|None=None, # bit width for all layers, or per layer name
+                   kind:str|dict='unstructured' # pruning kind for all layers, or per layer name
+                  ) -> dict:
     "Targets for the zoo LeNet-5 from keep fractions per layer (conv1, conv2, fc1, fc2), times `scale`"
     keep, res = {**ADMM_LENET5_KEEP, **(keep or {})}, {}
     for a, n in LENET5_LAYERS.items():
@@ -630,15 +918,130 @@ def admm_prune(learn, # the learner to prune (its callbacks are registered on it
 def magnitude_prune(learn, # the learner to prune (the callback is registered on it)
                     targets:dict, # {layer name: Target, pruning rate or dict of Target arguments}
                     epochs:int=1, # epochs of masked retraining (one-cycle schedule)
-                    lr:float=2e-3) -> HardPruneCallback: # maximum learning rate
+                    lr:float=2e-3 # maximum learning rate
+                   ) -> HardPruneCallback:
     "Magnitude pruning to `targets`, then masked retraining for `epochs` (one stage of iterative pruning)"
     hard = _swap_cb(learn, HardPruneCallback(targets))
     _fit_stage(learn, epochs, lr, hard)
     return hard
 
+# %% ../nbs/40_admm.ipynb #dccf37bc
+def plain_copy(model:nn.Module # the model to copy
+              ) -> nn.Module:
+    "A deep copy of `model` without the ADMM and pruning state modules (and their hooks): the plain architecture"
+    m = copy.deepcopy(unwrap(model))
+    for name, o in list(m._modules.items()):
+        if isinstance(o, _State):
+            del m._modules[name]
+            for k, h in list(m._forward_pre_hooks.items()):
+                if getattr(h, '__self__', None) is o: del m._forward_pre_hooks[k]
+    return m
+
+def _bn_const(bn:nn.BatchNorm2d) -> torch.Tensor:
+    "Output of an inference-mode BatchNorm for an all-zero input channel: its shift"
+    g = bn.weight if bn.affine else torch.ones_like(bn.running_mean)
+    b = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    return (b - g * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)).detach()
+
+def _block_parts(block):
+    (c1, bn1, *act), (c2, bn2) = block.convs[0], block.convs[1]
+    if not (isinstance(c1, nn.Conv2d) and isinstance(bn1, nn.BatchNorm2d) and isinstance(c2, nn.Conv2d)) or c1.bias is not None:
+        raise ValueError("expected a BasicBlock of conv(bias=False)-BN-ReLU, conv-BN")
+    return c1, bn1, c2
+
+@torch.no_grad()
+def live_channels(block:nn.Module # a `corsd_suite.models.BasicBlock`
+                 ) -> torch.Tensor:
+    "Channels between the two convs of `block` that can change its output (in inference mode)"
+    c1, bn1, c2 = _block_parts(block)
+    used = c2.weight.detach().transpose(0, 1).flatten(1).abs().sum(1) != 0   # the second conv reads the channel
+    alive = c1.weight.detach().flatten(1).abs().sum(1) != 0                   # the first conv writes it
+    const = torch.relu(_bn_const(bn1)) != 0                                   # ... or its BN makes a constant of it
+    return used & (alive | const)
+
+@torch.no_grad()
+def _shrink_block(block, keep):
+    c1, bn1, c2 = _block_parts(block)
+    n = int(keep.sum())
+    nc1 = nn.Conv2d(c1.in_channels, n, c1.kernel_size, c1.stride, c1.padding, c1.dilation, bias=False).to(c1.weight)
+    nc1.weight.copy_(c1.weight[keep])
+    nbn = nn.BatchNorm2d(n, bn1.eps, bn1.momentum, bn1.affine, bn1.track_running_stats).to(bn1.running_mean.device)
+    for k in ('weight', 'bias', 'running_mean', 'running_var'):
+        if getattr(bn1, k) is not None: getattr(nbn, k).copy_(getattr(bn1, k)[keep])
+    if bn1.num_batches_tracked is not None: nbn.num_batches_tracked.copy_(bn1.num_batches_tracked)
+    nc2 = nn.Conv2d(n, c2.out_channels, c2.kernel_size, c2.stride, c2.padding, c2.dilation, bias=c2.bias is not None).to(c2.weight)
+    nc2.weight.copy_(c2.weight[:, keep])
+    if c2.bias is not None: nc2.bias.copy_(c2.bias)
+    for new, old in ((nc1, c1), (nbn, bn1), (nc2, c2)): new.train(old.training)
+    block.convs[0][0], block.convs[0][1], block.convs[1][0] = nc1, nbn, nc2
+
+def shrink_blocks(model:nn.Module # a structurally pruned model with `BasicBlock`s (e.g. a zoo CIFAR ResNet)
+                 ) -> nn.Module:
+    "A physically smaller plain copy of `model`: every residual block loses the inner channels that cannot change its output"
+    from corsd_suite.models import BasicBlock
+    m = plain_copy(model)
+    blocks = [b for b in m.modules() if isinstance(b, BasicBlock)]
+    if not blocks: raise ValueError(f"{type(m).__name__} has no BasicBlock to shrink")
+    for b in blocks:
+        keep = live_channels(b)
+        if not keep.any(): keep[0] = True   # a convolution needs a channel; a dead one adds nothing
+        _shrink_block(b, keep)
+    return m
+
+# %% ../nbs/40_admm.ipynb #cca5790a
+class SparseLinear(nn.Module):
+    "A `Linear` layer whose weight is a torch sparse CSR matrix on the CPU (the non-structured model run by a sparse kernel)"
+    def __init__(self, lin:nn.Linear # the pruned dense layer
+                ):
+        super().__init__()
+        with warnings.catch_warnings():   # sparse CSR support is marked beta
+            warnings.simplefilter('ignore'); self.weight = lin.weight.detach().cpu().to_sparse_csr()
+        self.bias = None if lin.bias is None else lin.bias.detach().clone()
+    def forward(self, x):
+        y = torch.sparse.mm(self.weight, x.reshape(-1, x.shape[-1]).t()).t()
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+def sparse_linear_copy(model:nn.Module # a (non-structured) pruned model
+                      ) -> nn.Module:
+    "A plain copy of `model` whose `Linear` layers multiply with sparse CSR weights (convolutions stay dense)"
+    m = plain_copy(model)
+    for name, lin in [(n, o) for n, o in m.named_modules() if isinstance(o, nn.Linear)]:
+        parent, _, attr = name.rpartition('.')
+        setattr(m.get_submodule(parent) if parent else m, attr, SparseLinear(lin))
+    return m
+
+def cpu_latency(model:nn.Module, # the model to time (a plain CPU copy is timed when it is elsewhere or carries method state)
+                input_shape=(1, 28, 28), # one input's shape
+                batch_sizes=(1, 64), # batch sizes to time
+                repeats:int=20, # timed forward passes per batch size (the median is reported)
+                warmup:int=3, # untimed passes first
+                threads:int=1 # torch CPU threads during the measurement (restored after)
+               ) -> dict:
+    "Median CPU inference latency in milliseconds per batch, `{batch size: ms}`"
+    if repeats < 1 or warmup < 0 or threads < 1: raise ValueError(f"need repeats >= 1, warmup >= 0, threads >= 1; got {repeats}, {warmup}, {threads}")
+    m = unwrap(model)
+    on_cpu = all(t.device.type == 'cpu' for t in itertools.chain(m.parameters(), m.buffers()))
+    if not on_cpu or any(isinstance(o, _State) for o in m.modules()): m = plain_copy(m).cpu()   # the original stays put
+    was, old, res = m.training, torch.get_num_threads(), {}
+    m.eval()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for bs in batch_sizes:
+                x = torch.randn(bs, *input_shape)
+                for _ in range(warmup): m(x)
+                ts = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter(); m(x); ts.append(time.perf_counter() - t0)
+                res[bs] = 1000 * float(np.median(ts))
+    finally: torch.set_num_threads(old); m.train(was)
+    return res
+
 # %% ../nbs/40_admm.ipynb #4712ceea
 @demo_row('ADMM', order=40)
-def admm_row(quick:bool=True) -> dict:
+def admm_row(quick:bool=True # a short schedule (seconds) instead of a longer one
+            ) -> dict:
     "LeNet-5 on the digits: dense against ADMM non-structured pruning at the ADMM-paper rates (71x)"
     from corsd_suite.models import train_digits
     from corsd_suite.evaluate import evaluate_accuracy

@@ -305,3 +305,97 @@ def test_demo_row():
     assert order == 40 and {'method', 'metric', 'baseline', 'result', 'note'} <= set(row)
     assert 0.5 < row['baseline'] <= 1 and 'x fewer weights' in row['note']
     assert 0.85 < row['result'] <= 1, f"ADMM at 71x lost too much on the digits: {row}"   # 97.8% measured (dense 98.1%)
+
+# ---- issue 17: the compressed format, structured shrinking, latency
+
+def _pruned_quantized_lenet5(seed=0, scale=1.):
+    from corsd_suite.admm import apply_targets
+    torch.manual_seed(seed)
+    net = lenet5()
+    bits = dict(conv1=5, conv2=4, fc1=3, fc2=4)
+    return apply_targets(net, lenet5_targets(scale=scale, bits=bits))
+
+def _rewrite_header(data, edit):
+    "A file with its header edited by `edit` and a *valid* checksum: only the header's own checks can catch it"
+    import json, zlib, hashlib
+    hl = int.from_bytes(data[8:12], 'little')
+    head = json.loads(zlib.decompress(data[12:12 + hl]))
+    edit(head)
+    payload = data[12 + hl:]
+    head['sha256'] = hashlib.sha256(payload).hexdigest()
+    h = zlib.compress(json.dumps(head).encode())
+    return data[:8] + len(h).to_bytes(4, 'little') + h + payload
+
+def test_compressed_file_round_trip(tmp_path):
+    from corsd_suite.admm import save_compressed, load_compressed, read_compressed, CompressedFileError
+    net = _pruned_quantized_lenet5()
+    f = save_compressed(net, tmp_path/'m.czip')
+    size, rep = f.stat().st_size, compression_report(net)
+    claimed = rep.iloc[-1]['bytes']
+    assert rep.iloc[-1]['ratio'] > 60 and (rep['format'] == 'sparse').sum() == 4
+    assert claimed <= size <= 1.05 * claimed, (size, claimed)       # bytes on disk = the report + a small header
+    assert not list(tmp_path.glob('.*.tmp'))                         # the temporary file was renamed into place
+    back = load_compressed(lenet5(), f)
+    for k, v in plain_state_dict(net).items(): assert torch.equal(back.state_dict()[k], v), k   # identical weights
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(back.eval()(x), net.eval()(x))
+    assert set(read_compressed(f)) == set(plain_state_dict(net))
+    data = f.read_bytes()
+    bad = {'truncated': data[:-3], 'longer': data + b'\0', 'flipped': data[:-50] + bytes([data[-50] ^ 4]) + data[-49:],
+           'header': data[:13] + bytes([data[13] ^ 255]) + data[14:], 'empty': b'',
+           'kept': _rewrite_header(data, lambda h: h['tensors'][0].update(kept=h['tensors'][0]['kept'] - 1)),
+           'entries': _rewrite_header(data, lambda h: h['tensors'][0].update(entries=h['tensors'][0]['entries'] + 8)),
+           'levels': _rewrite_header(data, lambda h: h['tensors'][0].update(levels=1000)),
+           'shape': _rewrite_header(data, lambda h: h['tensors'][1].update(shape=[21]))}
+    for name, b in bad.items():
+        g = tmp_path/f'{name}.czip'; g.write_bytes(b)
+        with pytest.raises(ValueError, match=f'{name}.czip'): load_compressed(lenet5(), g)
+    with pytest.raises(CompressedFileError, match='does not fit this architecture'): load_compressed(lenet5(size=16), f)
+    with pytest.raises(FileNotFoundError, match='nope.czip'): load_compressed(lenet5(), tmp_path/'nope.czip')
+
+def test_compressed_file_other_encodings(tmp_path):
+    "Dense float, dense codebook, structured block and unquantized sparse layers round-trip too"
+    from corsd_suite.admm import save_compressed, load_compressed, apply_targets, Target
+    torch.manual_seed(1)
+    net = apply_targets(lenet5(), {'stages.1.0': Target(keep=10, kind='filter', bits=4), 'head.1': Target(rate=.99),
+                                   'head.3': Target(bits=2)})
+    rep = compression_report(net).set_index('layer')
+    assert list(rep['format'][:4]) == ['dense', 'structured', 'sparse', 'dense']
+    f = save_compressed(net, tmp_path/'m.czip')
+    assert rep.loc['total', 'bytes'] <= f.stat().st_size <= rep.loc['total', 'bytes'] + 600
+    back = load_compressed(lenet5, f)
+    for k, v in plain_state_dict(net).items(): assert torch.equal(back.state_dict()[k], v), k
+
+def test_structured_shrink_physically_smaller():
+    from corsd_suite.admm import shrink_blocks, apply_targets, Target, live_channels
+    from corsd_suite.models import resnet8, count_params
+    torch.manual_seed(0)
+    net = resnet8().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d): m.running_mean.uniform_(-1, 1); m.bias.data.uniform_(-.5, .5)
+    apply_targets(net, {n: Target(rate=.5, kind='filter') for n in weight_layers(net) if n.endswith('convs.0.0')})
+    blocks = [m for m in net.modules() if hasattr(m, 'convs')]
+    before = [int(live_channels(b).sum()) for b in blocks]
+    assert all(b < 16 * 2**i for i, b in enumerate(before))     # dead filters whose BN shift is not positive go
+    apply_targets(net, {n: Target(rate=.5, kind='channel') for n in weight_layers(net) if n.endswith('convs.1.0')})
+    small = shrink_blocks(net)
+    assert count_params(small) < 0.7 * count_params(net)
+    for b, s in zip(blocks, [m for m in small.modules() if hasattr(m, 'convs')]):
+        assert s.convs[0][0].out_channels == s.convs[1][0].in_channels == s.convs[0][1].num_features <= b.convs[0][0].out_channels // 2
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for blk, sb in zip(blocks, [m for m in small.modules() if hasattr(m, 'convs')]):
+            xi = torch.randn(2, blk.convs[0][0].in_channels, 8, 8)
+            assert sb(xi).shape == blk(xi).shape
+        torch.testing.assert_close(small(x), net(x), rtol=1e-4, atol=1e-5)
+    assert not hasattr(small, 'admm') and net.stages[0][0].convs[0][0].out_channels == 16   # the original is untouched
+
+def test_cpu_latency_positive():
+    from corsd_suite.admm import cpu_latency, sparse_linear_copy
+    net = _pruned_quantized_lenet5()
+    before = torch.get_num_threads()
+    for m in (net, sparse_linear_copy(net)):
+        lat = cpu_latency(m, batch_sizes=(1, 4), repeats=3, warmup=1)
+        assert set(lat) == {1, 4} and all(v > 0 for v in lat.values())
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match='repeats >= 1'): cpu_latency(net, repeats=0)
