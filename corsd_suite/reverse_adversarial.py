@@ -24,25 +24,33 @@ from .calibration import (Calibrator, CalibratedModel, FreezeClassifier, freeze_
                                      check_param, check_dls, check_batch, check_classifier)
 
 # %% auto #0
-__all__ = ['check_eval', 'is_quantized', 'attention_mask', 'reverse_labels', 'reverse_pgd', 'ReverseAdvCallback', 'AttentionGate',
-           'zero_init', 'reverse_calibrator', 'ReverseAdvModel', 'model_with_calibrator', 'quantize_int8',
-           'StraightThrough', 'reverse_adv_learner', 'adapt_to_scene', 'reverse_adversarial_row']
+__all__ = ['LOWBIT_CANDIDATES', 'check_eval', 'is_quantized', 'attention_mask', 'reverse_labels', 'reverse_pgd',
+           'ReverseAdvCallback', 'AttentionGate', 'zero_init', 'reverse_calibrator', 'ReverseAdvModel',
+           'model_with_calibrator', 'quantize_int8', 'StraightThrough', 'reverse_adv_learner', 'adapt_to_scene',
+           'ActQuant', 'lowbit', 'pick_bits', 'reverse_adversarial_row']
 
 # %% ../nbs/50_reverse_adversarial.ipynb #f9f65cf0
-def check_eval(model:nn.Module, what:str='model'):
+def check_eval(model:nn.Module, # the model to check
+               what:str='model' # its name in the error message
+              ):
     "Raise a `ValueError` if `model` is in train mode (reverse steps and calibrators need BatchNorm running statistics)"
     if model.training:
         raise ValueError(f"the {what} is in train mode: call .eval() first (BatchNorm must use its running statistics, "
                          "otherwise predictions depend on the batch and its buffers change)")
     return model
 
-def is_quantized(model:nn.Module) -> bool:
+def is_quantized(model:nn.Module # the model to inspect
+                ) -> bool:
     "True if `model` holds int8 quantized modules (`torch.ao.nn.quantized`), which have no autograd"
     return any(type(m).__module__.startswith(('torch.ao.nn.quantized', 'torch.nn.quantized')) and
                not type(m).__module__.startswith('torch.ao.nn.quantized.modules.utils') for m in model.modules())
 
 # %% ../nbs/50_reverse_adversarial.ipynb #837c1d1d
-def attention_mask(model:nn.Module, x:torch.Tensor, y:torch.Tensor, frac:float) -> torch.Tensor:
+def attention_mask(model:nn.Module, # the frozen model, in eval mode
+                   x:torch.Tensor, # images (N, C, H, W) in [0, 1]
+                   y:torch.Tensor, # target labels (N,) whose CE gradient ranks the pixels
+                   frac:float # fraction of pixels kept per image, in (0, 1]
+                  ) -> torch.Tensor:
     "Mask (N,1,H,W) that is 1 on the fraction `frac` of pixels of each image with the largest input-gradient magnitude"
     if not 0 < frac <= 1: raise ValueError(f"attention fraction must be in (0, 1], got {frac}")
     x = x.detach().requires_grad_(True)
@@ -56,7 +64,12 @@ def attention_mask(model:nn.Module, x:torch.Tensor, y:torch.Tensor, frac:float) 
 # %% ../nbs/50_reverse_adversarial.ipynb #901fee4f
 _MODES = ('pred', 'teacher', 'true')
 
-def reverse_labels(model:nn.Module, x:torch.Tensor, y_star='pred', y=None, teacher=None):
+def reverse_labels(model:nn.Module, # the frozen model (labels of mode 'pred')
+                   x:torch.Tensor, # images (N, C, H, W)
+                   y_star='pred', # 'pred', 'teacher', 'true' or a label tensor
+                   y=None, # true labels (only for y_star='true', an oracle)
+                   teacher=None # full-precision model (only for y_star='teacher')
+                  ):
     "The target labels of a reverse step: the model's (`pred`), the teacher's (`teacher`), the true ones (`true`) or a tensor"
     if isinstance(y_star, torch.Tensor): return y_star.to(x.device)
     if y_star not in _MODES: raise ValueError(f"y_star must be one of {_MODES} or a label tensor, not {y_star!r}")
@@ -125,22 +138,32 @@ class ReverseAdvCallback(Callback):
 
 # %% ../nbs/50_reverse_adversarial.ipynb #d6175337
 class AttentionGate(nn.Module):
-    "A learned spatial attention mask $a(x) \\in [0,1]^{1\\times H\\times W}$ (two 3×3 convs, sigmoid), initialised open"
-    def __init__(self, n_in:int=1, hidden:int=4, init:float=2.):
+    "A learned spatial attention mask a(x) in [0, 1] of shape (N, 1, H, W) (two 3×3 convs, sigmoid), initialised open"
+    def __init__(self, n_in:int=1, # input channels
+                 hidden:int=4, # channels of the hidden convolution
+                 init:float=2. # initial bias of the last convolution (sigmoid(2) = 0.88: nearly open)
+                ):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(n_in, hidden, 3, padding=1), nn.ReLU(True), nn.Conv2d(hidden, 1, 3, padding=1))
         nn.init.zeros_(self.net[2].weight); nn.init.constant_(self.net[2].bias, init)
     def forward(self, x): return torch.sigmoid(self.net(x))
 
-def zero_init(cal:Calibrator) -> Calibrator:
-    "Zero the last convolution of `cal`'s generator so that $\\delta \\equiv 0$: the calibrated model starts as the frozen one"
+def zero_init(cal:Calibrator # the calibrator whose generator's last convolution is zeroed (in place)
+             ) -> Calibrator:
+    "Zero the last convolution of `cal`'s generator so that its perturbation is 0: the calibrated model starts as the frozen one"
     last = [m for m in cal.net.modules() if isinstance(m, nn.Conv2d)][-1]
     nn.init.zeros_(last.weight)
     if last.bias is not None: nn.init.zeros_(last.bias)
     return cal
 
-def reverse_calibrator(n_in:int=1, bound:float=0.3, ngf:int=4, n_blocks:int=3, attention:bool=False, **kwargs) -> Calibrator:
-    "A signed, zero-initialised `Calibrator` with $\\|\\delta\\|_\\infty \\le$ `bound` and an optional `AttentionGate`"
+def reverse_calibrator(n_in:int=1, # input channels
+                       bound:float=0.3, # largest absolute perturbation per pixel (L∞ bound)
+                       ngf:int=4, # channels of the generator
+                       n_blocks:int=3, # residual blocks of the generator
+                       attention:bool=False, # add a learned `AttentionGate` on the perturbation
+                       **kwargs # passed to `Calibrator`
+                      ) -> Calibrator:
+    "A signed, zero-initialised `Calibrator` whose perturbation stays within `bound` per pixel, with an optional `AttentionGate`"
     return zero_init(Calibrator(n_in, ngf=ngf, n_blocks=n_blocks, bound=bound, mode='signed',
                                 gate=AttentionGate(n_in) if attention else None, **kwargs))
 
@@ -162,7 +185,11 @@ def model_with_calibrator(model:nn.Module, # the frozen (possibly int8) model
     return ReverseAdvModel(cal, model).eval()
 
 # %% ../nbs/50_reverse_adversarial.ipynb #718ba1c5
-def quantize_int8(model:nn.Module, calib_x:torch.Tensor, backend:str|None=None, bs:int=256) -> nn.Module:
+def quantize_int8(model:nn.Module, # the float model, in eval mode
+                  calib_x:torch.Tensor, # calibration images (N, C, H, W) in [0, 1]
+                  backend:str|None=None, # quantized engine ('x86', 'qnnpack', ...; default: the best available)
+                  bs:int=256 # batch size of the calibration pass
+                 ) -> nn.Module:
     "An int8 copy of `model` by FX post-training static quantization, calibrated on images `calib_x` (CPU)"
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx, convert_fx
@@ -182,7 +209,9 @@ def quantize_int8(model:nn.Module, calib_x:torch.Tensor, backend:str|None=None, 
 
 class StraightThrough(nn.Module):
     "Forward: the (int8) model `q`; backward: the gradient of the float model `f` (straight-through estimator)"
-    def __init__(self, q:nn.Module, f:nn.Module):
+    def __init__(self, q:nn.Module, # the quantized model used in the forward pass
+                 f:nn.Module # the float model whose gradient is used in the backward pass
+                ):
         super().__init__()
         self.q, self.f = q, f
     def forward(self, x):
@@ -231,9 +260,85 @@ def adapt_to_scene(clf:nn.Module, # the frozen classifier
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=_SkipValid())
     return learn.model.eval()
 
+# %% ../nbs/50_reverse_adversarial.ipynb #c19a0002
+from .admm import quantize
+
+class ActQuant(nn.Module):
+    "Fake-quantize a tensor to `bits` bits on a range fixed by calibration, with a straight-through gradient"
+    def __init__(self, bits:int=4 # bits of the activations (2**bits levels), >= 2
+                ):
+        super().__init__()
+        check_param('a_bits', bits, 2, 16, integer=True)
+        self.bits, self.observing = bits, False
+        self.register_buffer('lo', torch.tensor(float('inf'))); self.register_buffer('hi', torch.tensor(float('-inf')))
+    def forward(self, x):
+        if self.observing:
+            self.lo.copy_(torch.minimum(self.lo, x.detach().min().float())); self.hi.copy_(torch.maximum(self.hi, x.detach().max().float()))
+            return x
+        if not torch.isfinite(self.hi - self.lo): raise RuntimeError("ActQuant was never calibrated: build it with `lowbit(..., calib_x=...)`")
+        lo, hi = self.lo.to(x.dtype), self.hi.to(x.dtype)
+        s = ((hi - lo) / (2**self.bits - 1)).clamp_min(1e-12)
+        xc = torch.minimum(torch.maximum(x, lo), hi)
+        return xc + (((xc - lo) / s).round() * s + lo - xc).detach()   # rounding skipped in the backward pass
+    def extra_repr(self): return f'bits={self.bits}'
+
+def _quant_input(m, args): return (m.act_quant(args[0]),) + tuple(args[1:])
+
+def _layers(model): return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+def lowbit(model:nn.Module, # the float model (it is copied, never changed)
+           w_bits:int=4, # bits of the weights of every convolution and linear layer (ADMM equal-interval quantizer), >= 1
+           a_bits:int|None=None, # bits of the inputs of every layer but the first (None: float activations), >= 2
+           calib_x:torch.Tensor|None=None # images (N, C, H, W) in [0, 1] fixing the activation ranges (needed with `a_bits`)
+          ) -> nn.Module:
+    "A frozen low-bit copy of `model`: per-layer quantized weights, optionally fake-quantized activations; input gradients flow"
+    check_param('w_bits', w_bits, 1, 16, integer=True)
+    if a_bits is not None and calib_x is None: raise ValueError("lowbit(a_bits=...) needs `calib_x`, the images that fix the activation ranges")
+    m = copy.deepcopy(model).eval()
+    layers = _layers(m)
+    if not layers: raise ValueError("lowbit: the model has no Conv2d or Linear layer to quantize")
+    with torch.no_grad():
+        for l in layers: l.weight.copy_(quantize(l.weight, w_bits)[0])
+    if a_bits is not None:
+        check_images(calib_x, what='lowbit calibration images')
+        for l in layers[1:]:
+            l.act_quant = ActQuant(a_bits).to(l.weight.device); l.register_forward_pre_hook(_quant_input)
+        aqs = [l.act_quant for l in layers[1:]]
+        for a in aqs: a.observing = True
+        with torch.no_grad(): m(calib_x.to(model_device(m)).float())
+        for a in aqs: a.observing = False
+    return freeze_model(m)
+
+def _acc(m, x, y, bs=512):
+    dev = model_device(m)
+    with torch.no_grad(): p = torch.cat([m(x[i:i+bs].to(dev).float()).argmax(1).cpu() for i in range(0, len(x), bs)])
+    return (p == y.cpu()).float().mean().item()
+
+LOWBIT_CANDIDATES = ((4, None), (3, None), (4, 4), (3, 4), (2, None), (2, 4))
+
+def pick_bits(model:nn.Module, # the float model, in eval mode
+              x:torch.Tensor, # validation images (N, C, H, W) in [0, 1], held out of training and never the test split
+              y:torch.Tensor, # their labels (N,)
+              min_drop:float=0.03, # clean-accuracy drop wanted (a fraction: 0.03 = 3 points), in (0, 1)
+              candidates=LOWBIT_CANDIDATES, # (w_bits, a_bits) pairs, mildest first
+              calib_x:torch.Tensor|None=None # images fixing the activation ranges (default: `x`)
+             ) -> dict:
+    "The mildest `(w_bits, a_bits)` whose accuracy on `(x, y)` falls by at least `min_drop` (else the largest drop), with every accuracy"
+    check_eval(model); check_images(x, what='pick_bits images'); check_param('min_drop', min_drop, 0, 1, lo_open=True, hi_open=True)
+    if len(x) != len(y): raise ValueError(f"pick_bits: {len(x)} images but {len(y)} labels")
+    base, tried = _acc(model, x, y), []
+    for w, a in candidates:
+        acc = _acc(lowbit(model, w, a, x if calib_x is None else calib_x), x, y)
+        tried.append(dict(w_bits=w, a_bits=a, acc=acc, drop=base - acc))
+        if base - acc >= min_drop: return dict(tried[-1], base_acc=base, reached=True, tried=tried)
+    best = max(tried, key=lambda t: t['drop'])
+    return dict(best, base_acc=base, reached=False, tried=tried)
+
+
 # %% ../nbs/50_reverse_adversarial.ipynb #235042c6
 @demo_row('Reverse adversarial', order=50)
-def reverse_adversarial_row(quick:bool=True) -> dict:
+def reverse_adversarial_row(quick:bool=True # fewer epochs (seconds) instead of the longer run
+                           ) -> dict:
     "Frozen ResNet-8 on digits rotated by 30° (unseen): accuracy alone and behind a calibrator trained on the rotated train split"
     from corsd_suite.models import train_digits
     from corsd_suite.data import digits

@@ -179,3 +179,24 @@ def test_admm_compressed_lenet5():
     assert all(torch.equal(sd[k], v) for k,v in clf.state_dict().items())   # still the same compressed model
     xr = reverse_pgd(clf, x[:32], 'pred', eps=4/255, steps=3)
     with torch.no_grad(): assert (clf(xr).argmax(1) == clf(x[:32]).argmax(1)).float().mean() >= 0.95
+
+def test_lowbit_levels_frozen_and_input_gradients():
+    from corsd_suite.reverse_adversarial import lowbit, pick_bits
+    dls = digits_dls(16, device='cpu')
+    clf = _clf(dls)
+    x = digits(16).x[:64].float()/255
+    sd = {k: v.clone() for k,v in clf.state_dict().items()}
+    for wb in (2, 3):
+        lb = lowbit(clf, wb, 4, x)
+        for m in lb.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)): assert m.weight.unique().numel() <= 2**wb
+        assert not any(p.requires_grad for p in lb.parameters()) and not lb.training
+    assert all(torch.equal(sd[k], v) for k,v in clf.state_dict().items())      # the float model is untouched
+    xg = x[:4].clone().requires_grad_(True)
+    lb(xg).logsumexp(1).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='calib_x'): lowbit(clf, 4, 4)
+    with pytest.raises(ValueError, match='w_bits'): lowbit(clf, 0)
+    y = digits(16).y[:64]
+    pb = pick_bits(clf, x, y, min_drop=0.5, candidates=((4, None), (2, 4)))
+    assert not pb['reached'] and len(pb['tried']) == 2                  # an untrained model cannot drop by 50 points
