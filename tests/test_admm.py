@@ -3,7 +3,7 @@ import copy, re, pytest, torch
 from pathlib import Path
 from fastai.callback.core import Callback, CancelFitException
 from fastai.learner import Learner, load_learner
-from helpers import run_ddp, params_digest, roundtrip_save_load, assert_same_state
+from helpers import run_ddp, params_digest, roundtrip_save_load, assert_same_state, TRAIN_EVENTS, RaiseAt
 from corsd_suite.core import seed_everything, save_checkpoint, load_checkpoint, CheckpointError
 from corsd_suite.data import digits_dls
 from corsd_suite.models import zoo_learner, lenet5
@@ -179,21 +179,9 @@ def test_progressive_stages_replace_state():
     assert h1 not in learn.cbs and h2 in learn.cbs and h2.check()
     assert int(h2.masks['head.1'].sum()) < int(h1.masks['head.1'].sum())
 
-EVENTS = ['before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss', 'before_backward',
-          'after_backward', 'before_step', 'after_step', 'after_batch', 'after_train', 'before_validate', 'after_validate',
-          'after_epoch', 'after_fit']
-
-class _Raise(Callback):
-    "Raise `exc` the first time `event` comes (order -20: before every other callback's handler of that event)"
-    order = -20
-    def __init__(self, event, exc): self.event, self.exc, self.done = event, exc, False
-    def __call__(self, event_name):
-        if event_name == self.event and not self.done: self.done = True; raise self.exc()
-        return super().__call__(event_name)
-
 def _interrupted(learn, event, exc):
     "Fit with `exc` raised at `event` (fastai lets a cancel raised in `after_fit` through, as it does Ctrl-C)"
-    try: _fit(learn, 1, 3e-3, cbs=_Raise(event, exc))
+    try: _fit(learn, 1, 3e-3, cbs=RaiseAt(event, exc, order=-20))
     except exc: pass
 
 @pytest.mark.parametrize('exc', [KeyboardInterrupt, CancelFitException])
@@ -201,7 +189,7 @@ def test_hardprune_interrupt_at_every_event(exc):
     hard = HardPruneCallback(QTG)
     learn = _small(hard); _fit(learn, 1, 3e-3)
     n_metrics, n_cbs = len(learn.metrics), len(learn.cbs)
-    for ev in EVENTS:
+    for ev in TRAIN_EVENTS:
         _interrupted(learn, ev, exc)
         if exc is CancelFitException: assert hard.check(), f"weights off their masks after a cancel at {ev}"
         learn.model.eval(); learn.model(learn.dls.valid.one_batch()[0])   # a forward pass puts them back after Ctrl-C
@@ -217,7 +205,7 @@ def test_hardprune_interrupt_at_every_event(exc):
 def test_admm_interrupt_at_every_event(exc):
     admm = ADMMCallback(TG, every=1, unit='batch')
     learn = _small(admm); _fit(learn, 1, 3e-3)
-    for ev in EVENTS:
+    for ev in TRAIN_EVENTS:
         _interrupted(learn, ev, exc)
         assert admm.n_updates == len(admm.residuals()) and admm.residuals().notna().all().all()
     before = admm.n_updates

@@ -6,7 +6,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.core import Callback, CancelFitException
 from fastai.data.core import DataLoaders
 from fastai.torch_core import params
-from helpers import run_ddp, params_digest
+from helpers import run_ddp, params_digest, TRAIN_EVENTS, RaiseAt
 from corsd_suite.core import seed_everything, DEMO_ROWS, save_checkpoint, load_checkpoint
 from corsd_suite.data import TensorDL, image_dls, ImageSet
 from corsd_suite.models import dtn, lenet5
@@ -79,26 +79,12 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert _same_state(a.model, c.model) == []
     assert int(c.model.d_steps) == 6
 
-_EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss', 'before_backward',
-           'after_backward', 'before_step', 'after_step', 'after_batch', 'after_train', 'before_validate',
-           'after_validate', 'after_epoch', 'after_fit')
-
-class _Raise(Callback):
-    "Raise `ex` the first time `event` fires"
-    order = 1
-    def __init__(self, event, ex): self.event, self.ex, self.done = event, ex, False
-    def __call__(self, event_name):
-        if event_name == self.event and not self.done:
-            self.done = True
-            raise self.ex()
-        return super().__call__(event_name)
-
 @pytest.mark.parametrize('ex', [KeyboardInterrupt, CancelFitException])
 def test_interrupt_at_every_event(ex):
     learn = _learner(n=64)
     mets = list(learn.metrics)
-    for ev in _EVENTS:
-        try: _fit(learn, cbs=_Raise(ev, ex))
+    for ev in TRAIN_EVENTS:
+        try: _fit(learn, cbs=RaiseAt(ev, ex, order=1))
         except (KeyboardInterrupt, CancelFitException): pass
         assert len(learn.metrics) == len(mets) and all(a is b for a,b in zip(learn.metrics, mets)), ev   # metric list unchanged
         assert all(p.requires_grad for p in learn.model.d_params()), ev                                  # discriminators trainable

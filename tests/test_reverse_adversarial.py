@@ -4,7 +4,7 @@ import pytest, torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
 from fastai.data.core import DataLoaders
-from helpers import run_ddp, ddp_fit, params_digest
+from helpers import run_ddp, ddp_fit, params_digest, TRAIN_EVENTS, RaiseAt
 from corsd_suite.core import seed_everything
 from corsd_suite.data import digits_dls, digits, TensorDL
 from corsd_suite.models import lenet5
@@ -96,27 +96,14 @@ def test_bad_input():
     with pytest.raises(ValueError, match='attention'): reverse_pgd(clf, x, attention=1.5)
     with pytest.raises(ValueError, match='bound'): reverse_calibrator(1, bound=0.)
 
-_EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss', 'before_backward',
-           'after_backward', 'before_step', 'after_step', 'after_batch', 'after_train', 'before_validate',
-           'after_validate', 'after_epoch', 'after_fit')
-
-class _Raise(Callback):
-    order = 1
-    def __init__(self, event, ex): self.event, self.ex, self.done = event, ex, False
-    def __call__(self, event_name):
-        if event_name == self.event and not self.done:
-            self.done = True
-            raise self.ex()
-        return super().__call__(event_name)
-
 @pytest.mark.parametrize('ex', [KeyboardInterrupt, CancelFitException])
 def test_interrupt_at_every_event(ex):
     learn, clf = _learner(bs=128)
     sd = {k: v.clone() for k,v in clf.state_dict().items()}
     mets = list(learn.metrics)
-    for ev in _EVENTS:
+    for ev in TRAIN_EVENTS:
         try:
-            with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=_Raise(ev, ex))
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=RaiseAt(ev, ex, order=1))
         except (KeyboardInterrupt, CancelFitException): pass
         assert len(learn.metrics) == len(mets), ev
         assert not any(p.requires_grad for p in learn.model.clf.parameters()), ev
