@@ -1,8 +1,7 @@
 """Write README.md from nbs/index.ipynb (nbdev-readme needs Quarto, which these machines cannot install).
 
 The index notebook is executed in a temporary copy (so the README shows real outputs), nbdev's `#|` directives
-are dropped, and the result is converted to Markdown with nbconvert. Usage: python tools/make_readme.py
-(`--stored`: use the outputs saved in the notebook by tools/run_notebooks.py instead of executing it again)"""
+are dropped, and the result is converted to Markdown with nbconvert. Usage: python tools/make_readme.py"""
 import copy, re, sys, tempfile
 from pathlib import Path
 import nbformat
@@ -19,8 +18,7 @@ def _plain(o):
     o['data'] = {'text/plain': txt}
     return o
 nb = nbformat.read(root/'nbs'/'index.ipynb', as_version=4)
-if '--stored' not in sys.argv[1:]:
-    NotebookClient(nb, timeout=1800, kernel_name='python3', resources={'metadata': {'path': str(root/'nbs')}}).execute()
+NotebookClient(nb, timeout=1800, kernel_name='python3', resources={'metadata': {'path': str(root/'nbs')}}).execute()
 cells = []
 for c in nb.cells:
     src = c.source

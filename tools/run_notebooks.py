@@ -7,16 +7,28 @@ built by `nbdev-docs` (which renders stored outputs and executes nothing) show t
 
 Each notebook runs the cells `nbdev-test` runs (cells flagged `slow`/`notest` are skipped and keep no output), with
 `CORSD_DATA` as set in the environment (default `../shared/data` beside the checkout). A notebook whose cell raises
-is left as it was and makes the script exit 1. Afterwards `nbdev-clean` tidies metadata and keeps the outputs, and each
+is left as it was and makes the script exit 1. Progress bars keep only their final state. Afterwards `nbdev-clean` tidies metadata and keeps the outputs, and each
 notebook's size is checked against `--max-mb` (figures are PNG; keep each notebook's outputs small).
 """
 from __future__ import annotations
-import argparse, os, subprocess, sys, time
+import argparse, json, os, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT/'docs_check'))
 from check import list_notebooks, read_config   # exec_one (the docs check's executor) runs in a subprocess per notebook
+
+def collapse_cr(nb:Path) -> bool:
+    "Keep what a terminal would show of `nb`'s stream outputs: each line's text after its last carriage return (progress bars)"
+    d, changed = json.loads(nb.read_text()), False
+    for c in d['cells']:
+        for o in c.get('outputs', []):
+            if o.get('output_type') != 'stream': continue
+            text = ''.join(o['text'])
+            new = '\n'.join(l.rsplit('\r', 1)[-1] for l in text.split('\n'))
+            if new != text: o['text'], changed = new.splitlines(keepends=True), True
+    if changed: nb.write_text(json.dumps(d, indent=1, ensure_ascii=False) + '\n')
+    return changed
 
 def run_one(nb:Path, skip_flags:list, timeout:int) -> str|None:
     "Execute `nb` in place in a subprocess (in its own folder); a notebook that raises is restored as it was"
@@ -29,6 +41,7 @@ def run_one(nb:Path, skip_flags:list, timeout:int) -> str|None:
     if r.returncode:
         nb.write_bytes(backup)
         return (r.stdout + r.stderr).strip()[-3000:] or f'a cell raised (exit {r.returncode})'
+    collapse_cr(nb)
     return None
 
 def main(argv=None) -> int:
