@@ -28,7 +28,7 @@ def test_usps_both_splits_from_the_h5_file_only():
     assert tr.files == te.files == [str(Path(DATA)/'USPS'/'usps.h5')]     # never the LIBSVM file for one split
 
 def test_usps_libsvm_when_no_h5(tmp_path):
-    os.symlink(Path(DATA)/'usps.t.bz2', tmp_path/'usps.t.bz2')
+    os.symlink(Path(DATA).resolve()/'usps.t.bz2', tmp_path/'usps.t.bz2')
     te = load_dataset('usps', tmp_path, train=False)
     assert (len(te), te.shape, te.files) == (2007, (1,16,16), [str(tmp_path/'usps.t.bz2')])
     with pytest.raises(FileNotFoundError, match=r"usps.*usps\.bz2 is missing.*CORSD_DATA"): load_dataset('usps', tmp_path, train=True)
@@ -127,7 +127,7 @@ def test_domain_pair_uses_the_target_train_split(source, target, n_adapt, n_eval
     assert 'divided' not in p.protocol and ('USPS/usps.h5' if target == 'usps' else 'MNIST/raw/train-images-idx3-ubyte') in p.protocol
 
 def test_domain_pair_halves_only_without_a_train_split(tmp_path):
-    for f in ('MNIST', 'usps.t.bz2'): os.symlink(Path(DATA)/f, tmp_path/f)
+    for f in ('MNIST', 'usps.t.bz2'): os.symlink(Path(DATA).resolve()/f, tmp_path/f)
     p = domain_pair('mnist', 'usps', size=28, n_per_class=10, root=tmp_path)
     assert len(p.target_adapt) + len(p.target_eval) == 2007 and 'train split not found' in p.protocol and 'usps.t.bz2' in p.protocol
     # halves are disjoint: no image of the adaptation half appears in the evaluation half
