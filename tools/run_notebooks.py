@@ -35,12 +35,16 @@ def run_one(nb:Path, skip_flags:list, timeout:int) -> str|None:
     backup = nb.read_bytes()
     code = f"import sys; sys.path.insert(0, {str(ROOT/'docs_check')!r}); from check import exec_one; sys.exit(exec_one({str(nb)!r}, {skip_flags!r}, {timeout}))"
     env = {**os.environ, 'MPLBACKEND': 'Agg', 'PYTHONWARNINGS': 'ignore'}
-    env.setdefault('CORSD_DATA', str(ROOT.parent/'shared'/'data'))
+    env['CORSD_DATA'] = str(Path(env.get('CORSD_DATA') or ROOT.parent/'shared'/'data').resolve())   # notebooks run in their own folder
     try: r = subprocess.run([sys.executable, '-c', code], cwd=nb.parent, env=env, capture_output=True, text=True)
     except BaseException: nb.write_bytes(backup); raise
     if r.returncode:
         nb.write_bytes(backup)
         return (r.stdout + r.stderr).strip()[-3000:] or f'a cell raised (exit {r.returncode})'
+    errors = [o.get('ename') for c in json.loads(nb.read_text())['cells'] for o in c.get('outputs', []) if o.get('output_type') == 'error']
+    if errors:
+        nb.write_bytes(backup)
+        return f'cells raised {errors}'
     collapse_cr(nb)
     return None
 
