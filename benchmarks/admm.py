@@ -26,10 +26,10 @@ Smoke test (a couple of minutes): --out admm_smoke --n-train 2000 --n-valid 500 
 """
 import argparse, copy, sys
 from pathlib import Path
-import numpy as np, torch
+import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import runner
-from common import RESULTS, md_table, command_line
+from common import RESULTS, md_table, command_line, save_figure
 from corsd_suite.data import load_dataset, image_dls, CropFlip
 from corsd_suite.models import zoo_learner, get_model
 from corsd_suite.evaluate import evaluate_accuracy
@@ -264,14 +264,14 @@ def plots(runs):
         if 'lenet-dense' in runs: axs[0].axhline(100 * runs['lenet-dense']['result']['test_acc'], color='k', lw=.7, label='dense')
         axs[0].set_xscale('log'); axs[0].set_xlabel('pruning rate (total / kept)'); axs[0].set_ylabel('test accuracy (%)'); axs[0].legend()
         axs[1].set_xlabel('epoch (all rungs)'); axs[1].set_ylabel('validation accuracy (%)'); axs[1].set_title('per-epoch curves'); axs[1].legend()
-        plt.tight_layout(); f = RESULTS/f'{a.out}_ladder.png'; fig.savefig(f, dpi=110); plt.close(fig); out.append(f.name)
+        plt.tight_layout(); out.append(save_figure(fig, RESULTS/f'{a.out}_ladder.png').name)
     lat = {k: runs[f'cifar-{k}']['result'].get('latency_ms') for k in ('dense', 'structured', 'nonstructured') if f'cifar-{k}' in runs}
     lat = {k: v for k, v in lat.items() if v}
     if lat:
         fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
         for ax, bs in zip(axs, ('1', '64')):
             ax.bar(list(lat), [v[bs] if bs in v else v[int(bs)] for v in lat.values()]); ax.set_ylabel('ms'); ax.set_title(f'CPU latency, batch {bs}')
-        plt.tight_layout(); f = RESULTS/f'{a.out}_latency.png'; fig.savefig(f, dpi=110); plt.close(fig); out.append(f.name)
+        plt.tight_layout(); out.append(save_figure(fig, RESULTS/f'{a.out}_latency.png').name)
     return out
 
 def summarise(runs):

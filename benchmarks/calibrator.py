@@ -19,12 +19,12 @@ model selection at all, every number is the last iteration's (the per-epoch targ
     # a smoke test (do not overwrite the committed results):
     python benchmarks/calibrator.py --out calibrator_smoke --seeds 1 --iters 20 --n_per_class 20 --clf_epochs 1 --n_blocks 1
 """
-import sys, os, copy, json, argparse
+import sys, copy, json, argparse
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
-import numpy as np, torch
+import numpy as np
 import runner
-from common import RESULTS, mean_std, fmt_ms, md_table, command_line
+from common import RESULTS, mean_std, fmt_ms, md_table, command_line, save_figure
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import Adam
@@ -215,8 +215,7 @@ def plot(json_file:Path, png:Path):
     ax.set_ylabel('target test accuracy (%)'); ax.set_ylim(0, 100); ax.legend(); ax.grid(axis='y', alpha=.3)
     ax.set_title('Light-weight calibrator, last iteration, mean ± std over seeds')
     plt.tight_layout()
-    tmp = png.with_name(f'.{png.stem}.{os.getpid()}.tmp.png')
-    fig.savefig(tmp, dpi=110); plt.close(fig); os.replace(tmp, png)
+    save_figure(fig, png)
     print(f'wrote {png}')
 
 if __name__ == '__main__':

@@ -41,6 +41,14 @@ def atomic_write(path:Path, text:str):
     with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, path)
 
+def save_figure(fig, path:Path, dpi:int=110) -> Path:
+    "Save a matplotlib figure as PNG atomically (a temporary file renamed into place) and close it"
+    import matplotlib.pyplot as plt
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp.png')
+    fig.savefig(tmp, dpi=dpi); plt.close(fig); os.replace(tmp, path)
+    return path
+
 def write_result(name:str, summary:dict, details:dict, markdown:str, seconds:float|None=None, results:Path|None=None):
     "Write {results}/{name}.json (summary, details, command, machine) and {name}.md; `results` defaults to benchmarks/results"
     out = Path(results or RESULTS)

@@ -33,10 +33,10 @@ Smoke test (a couple of minutes; writes benchmarks/results/corsd_smoke* and resu
 import argparse, sys
 from functools import partial
 from pathlib import Path
-import numpy as np, torch
+import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import runner
-from common import mean_std, fmt_ms, md_table, command_line
+from common import mean_std, fmt_ms, md_table, command_line, save_figure, RESULTS
 
 ARMS = dict(baseline='plain network', byot='BYOT (exits + self-distillation)', corsd='CORSD (triplets + relation networks)',
             baseline_compute_matched='plain network, 3× the epochs (CORSD\'s image passes)', corsd_byot='CORSD stacked on BYOT')
@@ -166,9 +166,39 @@ def build_report(a):
                  f"({a.epochs} epochs, lr {a.lr}, 30% warm-up, final lr/2.5e5), crop (pad 4) + flip; batches of {a.bs} images "
                  f"(CORSD: {a.triplets} triplets = {3*a.triplets} images); the compute-matched baseline trains 3× the epochs. "
                  f"Accuracy of the deployed (plain) network, mean ± std over seeds.")
-        md = f"{proto}\n\n{md_table(rows, cols)}\n\n" + '\n'.join(f"- {l}" for l in lines) + f"\n\nPer seed:\n\n{per_seed}"
+        png = plot(by, arms, RESULTS/f'{a.out}.png', a)
+        md = (f"{proto}\n\n{md_table(rows, cols)}\n\n" + '\n'.join(f"- {l}" for l in lines) +
+              f"\n\n![test accuracy per arm and per exit]({png.name})\n\nPer seed:\n\n{per_seed}")
         return summary, md
     return build
+
+def plot(by:dict, arms:list, png:Path, a) -> Path:
+    "Test accuracy of the deployed network per arm (mean ± std over seeds, dots: seeds) and, for arms with exits, per exit"
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    exit_arms = [x for x in arms if 'exits_test' in by[x][0]['result']]
+    fig, axs = plt.subplots(1, 2 if exit_arms else 1, figsize=(11 if exit_arms else 6, 3.8), squeeze=False)
+    ax = axs[0, 0]
+    for i, arm in enumerate(arms):
+        accs = [100*r['result']['test_acc'] for r in by[arm]]
+        ax.bar(i, np.mean(accs), yerr=np.std(accs, ddof=1) if len(accs) > 1 else 0, capsize=4, color=f'C{i}', alpha=.8)
+        ax.plot([i]*len(accs), accs, 'k.', ms=5)
+    allacc = [100*r['result']['test_acc'] for x in arms for r in by[x]]
+    ax.set_xticks(range(len(arms)), [x.replace('_', '\n') for x in arms], fontsize=8)
+    ax.set_ylim(min(allacc) - 3, max(allacc) + 2); ax.grid(axis='y', alpha=.3)
+    ax.set_ylabel('test accuracy (%)'); ax.set_title(f'CIFAR-10, {a.arch}, {a.n_train} images, {a.epochs} epochs: deployed network')
+    if exit_arms:
+        ax = axs[0, 1]
+        for j, arm in enumerate(exit_arms):
+            ks = list(by[arm][0]['result']['exits_test'])
+            mu = [100*np.mean([r['result']['exits_test'][k] for r in by[arm]]) for k in ks]
+            sd = [100*np.std([r['result']['exits_test'][k] for r in by[arm]], ddof=1) if len(by[arm]) > 1 else 0 for k in ks]
+            w = 0.8/len(exit_arms)
+            ax.bar(np.arange(len(ks)) + j*w, mu, w, yerr=sd, capsize=3, label=arm)
+            ax.set_xticks(np.arange(len(ks)) + w*(len(exit_arms) - 1)/2, ks, fontsize=8)
+        ax.set_ylabel('test accuracy (%)'); ax.set_title('per exit'); ax.legend(fontsize=8); ax.grid(axis='y', alpha=.3)
+    fig.tight_layout()
+    return save_figure(fig, png)
 
 def main(argv=None):
     a = get_args(argv)

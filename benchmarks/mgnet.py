@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np, torch
 sys.path.insert(0, str(Path(__file__).parent))
 import runner
-from common import RESULTS, mean_std, fmt_ms, md_table
+from common import RESULTS, mean_std, fmt_ms, md_table, save_figure
 from corsd_suite.data import load_dataset, cluttered, image_dls
 from corsd_suite.models import get_model
 from corsd_suite.evaluate import evaluate_accuracy, corruption_accuracy, attack_accuracy, pgd, CORRUPTIONS
@@ -244,7 +244,7 @@ def plot(eps, R, path, dataset):
         accs = np.array([r['pgd_acc'] for r in R[arm]])
         ax.errorbar(eps, accs.mean(0), yerr=accs.std(0) if len(accs) > 1 else None, marker='o', label=lab, capsize=3)
     ax.set_xlabel('PGD L∞ eps (pixel scale [0,1])'); ax.set_ylabel('accuracy'); ax.grid(alpha=.3); ax.legend(fontsize=7)
-    ax.set_title(f'cluttered {dataset}: PGD accuracy'); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    ax.set_title(f'cluttered {dataset}: PGD accuracy'); fig.tight_layout(); save_figure(fig, path, dpi=100)
 
 def build_report(choices):
     def build(runs):

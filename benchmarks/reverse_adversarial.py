@@ -19,7 +19,7 @@ import sys, os, copy, json, argparse, warnings
 sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np, torch
 import runner
-from common import RESULTS, md_table, mean_std
+from common import RESULTS, md_table, mean_std, save_figure
 from corsd_suite.data import load_dataset, image_dls, CropFlip, UNSEEN_TRANSFORMS
 from corsd_suite.models import zoo_learner, count_params
 from corsd_suite.reverse_adversarial import adapt_to_scene, reverse_pgd, lowbit, pick_bits, _SkipValid
@@ -189,10 +189,7 @@ def plot(out):
     lo = min(100*d[m]['lowbit_clean_acc']['mean'] for m in models)
     ax2.set_ylim(max(0, lo - 10), 100); ax2.legend(fontsize=8); ax2.set_title('low-bit recovery')
     fig.tight_layout()
-    import io
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=100); plt.close(fig)
-    tmp = RESULTS/f'.{out}.png.tmp'
-    tmp.write_bytes(buf.getvalue()); os.replace(tmp, RESULTS/f'{out}.png')
+    save_figure(fig, RESULTS/f'{out}.png', dpi=100)
 
 def main(argv=None):
     a = parse(argv)

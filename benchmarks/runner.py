@@ -173,9 +173,10 @@ class EpochCheckpoint(Callback):
         self.epoch_seconds.append(time.perf_counter() - self.t0)
         rec = getattr(self.learn, 'recorder', None)
         if rec is not None and rec.values: self.values.append([float(v) for v in rec.values[-1]])
-        from corsd_suite.core import save_checkpoint
+        from corsd_suite.core import save_checkpoint, trim_memory
         save_checkpoint(self.learn, self.file, extra=dict(self.meta, epoch=self.epoch+1, epoch_seconds=self.epoch_seconds,
                                                            values=self.values))
+        trim_memory()   # a long process would otherwise keep every epoch's freed heap (glibc): 24 GiB in a CORSD run
 
 def _load(learn, file:Path, device) -> dict:
     "`load_checkpoint`, with the file named and the way out given when it cannot be read"
@@ -285,6 +286,7 @@ class Benchmark:
         self.device = resolve_device(getattr(self.args, 'device', 'cpu'))
         if getattr(self.args, 'threads', None): torch.set_num_threads(self.args.threads)
         self.format = train_format(self.args)
+        self.git = git_state()   # the code this process loaded (later edits to the work tree do not change it)
         self.plan = {}
 
     def add(self,
@@ -336,7 +338,7 @@ class Benchmark:
             print(f"[{rid}] checkpoints in {d} were made with other settings: discarded", flush=True)
             shutil.rmtree(d); progress = {}
         progress.setdefault('settings_hash', plan['hash']); progress.setdefault('segments', [])
-        seg = dict(started=time.strftime('%Y-%m-%d %H:%M:%S'), load_start=load_avg(), **git_state())
+        seg = dict(started=time.strftime('%Y-%m-%d %H:%M:%S'), load_start=load_avg(), **self.git)
         progress['segments'].append(seg)
         atomic_write(prog_file, json.dumps(progress, indent=1))
         ctx = RunContext(self, rid, plan['settings'], progress)

@@ -8,7 +8,7 @@ overhead = bare-loop images/s ÷ Learner images/s − 1. Run it alone on the mac
     python benchmarks/throughput.py --quick    # a smoke test: a few steps, written to throughput_quick.json
 """
 from __future__ import annotations
-import argparse, copy, os, sys, time
+import argparse, os, sys, time
 from functools import partial
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,6 +30,8 @@ def get_args(argv=None):
     p.add_argument('--steps', type=int, default=None, help='timed training steps per measurement (default 40; quick 2)')
     p.add_argument('--rounds', type=int, default=None, help='alternate Learner and bare loop this often, keep the best of each (default 2; quick 1)')
     p.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 5; quick 1)')
+    p.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=True,
+                   help="main table in channels_last memory format (fastai's ChannelsLast in the Learner), as the benchmark runner trains")
     p.add_argument('--variant-models', default='resnet20', help='models the variants are tried on')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='try the torch.compile variant (default: yes, except with --quick; compiling takes minutes on CPU)')
@@ -98,6 +100,7 @@ def make_learner(name:str, bs:int, n_batches:int, dev:torch.device, opt_func=Non
 
 # ----------------------------------------------------------------------------------------------------- measuring
 from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.channelslast import ChannelsLast
 
 class StepTimer(Callback):
     "Time the training batches from `warmup` on, then stop the fit (no validation)"
@@ -149,10 +152,11 @@ def measure_model(name:str, a, dev, peak:float, bs:int|None=None) -> dict:
     learn, shape = make_learner(name, bs, n, dev)
     bare_learn, _ = make_learner(name, bs, n, dev)          # same init and batches, its own model and loss
     macs = count_flops(learn.model.to(dev), shape)['macs']
+    if a.channels_last: learn.add_cb(ChannelsLast())
     li = bi = 0.
     for _ in range(a.rounds):   # alternate, keep the best of each: neither gains from going second
         li = max(li, learner_img_s(learn, a, dev))
-        bi = max(bi, bare_img_s(bare_learn.model, bare_learn.loss_func, bare_learn.dls.train, a, dev))
+        bi = max(bi, bare_img_s(bare_learn.model, bare_learn.loss_func, bare_learn.dls.train, a, dev, channels_last=a.channels_last))
     return dict(input=list(shape), macs=macs, bs=bs, learner_img_s=li, bare_img_s=bi,
                 utilisation=6 * macs * bi / (peak * 1e9), learner_utilisation=6 * macs * li / (peak * 1e9),
                 overhead=bi / li - 1)
@@ -172,14 +176,21 @@ def variants(name:str, a, dev, base:dict) -> list:
         rows.append(dict(model=name, variant=variant, img_s=round(img_s, 1), speedup=round(img_s / base['bare_img_s'], 3), note=note))
     def bare(bs=None, **kw):   # best of `a.rounds`, like the baseline
         l, _ = make_learner(name, bs or a.bs, n, dev)
-        return max(bare_img_s(l.model, l.loss_func, l.dls.train, a, dev, **kw) for _ in range(a.rounds))
-    row('bare loop, fp32, contiguous (baseline)', base['bare_img_s'])
-    row('channels_last', bare(channels_last=True))
+        return max(bare_img_s(l.model, l.loss_func, l.dls.train, a, dev, **{'channels_last': a.channels_last, **kw}) for _ in range(a.rounds))
+    fmt, other = ('channels_last', 'contiguous') if a.channels_last else ('contiguous', 'channels_last')
+    row(f'bare loop, fp32, {fmt} (baseline: the main table)', base['bare_img_s'])
+    row(f'{other} (fp32)', bare(channels_last=not a.channels_last))
+    l, _ = make_learner(name, a.bs, n, dev)
+    if not a.channels_last: l.add_cb(ChannelsLast())
+    row(f'Learner, {other} (fp32)', learner_img_s(l, a, dev), f"Learner, {fmt}: {base['learner_img_s']:.1f}")
     bf = torch.bfloat16
     native = dev.type != 'cpu' or cpu_bf16()
     bf_note = 'native bf16' if native else 'no native bf16 on this CPU (emulated)'
-    row('bf16 autocast', bare(autocast=bf), bf_note)
-    row('channels_last + bf16 autocast', bare(autocast=bf, channels_last=True), bf_note)
+    row(f'{fmt} + bf16 autocast', bare(autocast=bf), bf_note)
+    row(f'{other} + bf16 autocast', bare(autocast=bf, channels_last=not a.channels_last), bf_note)
+    l, _ = make_learner(name, a.bs, n, dev)
+    l.add_cbs([ChannelsLast()] if a.channels_last else []); l.add_cb(runner.Autocast(bf))
+    row(f'Learner, {fmt} + bf16 autocast (the runner\'s --bf16)', learner_img_s(l, a, dev), bf_note)
     for bs in sorted({64, 256} - {a.bs}) if not a.quick else [max(8, a.bs // 2)]:
         row(f'batch {bs}', bare(bs), 'images/s at another batch size')
     if dev.type == 'cpu':
@@ -189,6 +200,7 @@ def variants(name:str, a, dev, base:dict) -> list:
             try: row(f'{t} thread(s) (main: {nt})', bare())
             finally: torch.set_num_threads(nt)
     l, _ = make_learner(name, a.bs, n, dev, opt_func=partial(OptimWrapper, opt=torch.optim.Adam))
+    if a.channels_last: l.add_cb(ChannelsLast())
     row('Learner with torch.optim.Adam (OptimWrapper)', learner_img_s(l, a, dev), f"Learner with fastai Adam: {base['learner_img_s']:.1f}")
     if not a.compile: rows.append(dict(model=name, variant='torch.compile', note='skipped (--no-compile or --quick)'))
     else:
@@ -197,7 +209,7 @@ def variants(name:str, a, dev, base:dict) -> list:
             a2 = argparse.Namespace(**{**vars(a), 'warmup': max(a.warmup, 3)})   # the first steps compile
             l, _ = make_learner(name, a.bs, a2.warmup + a.steps, dev)
             comp = torch.compile(l.model)
-            img_s = bare_img_s(l.model, l.loss_func, l.dls.train, a2, dev, step=comp)
+            img_s = bare_img_s(l.model, l.loss_func, l.dls.train, a2, dev, step=comp, channels_last=a.channels_last)
             row('torch.compile (default mode)', img_s, f'compile + warm-up {time.perf_counter() - t0:.0f}s')
         except Exception as e: rows.append(dict(model=name, variant='torch.compile', note=f'failed: {type(e).__name__}: {str(e)[:120]}'))
     return rows
@@ -227,7 +239,7 @@ def main(argv=None):
     epoch_s = {m: dict(learner=CIFAR10_TRAIN / models[m]['learner_img_s'], bare=CIFAR10_TRAIN / models[m]['bare_img_s'])
                for m in CIFAR_MODELS if m in models}
     env = dict(threads=torch.get_num_threads(), cores=os.cpu_count(), device=str(dev), load_start=load_start, load_end=load_end,
-               quick=a.quick, steps=a.steps, warmup=a.warmup, bs=a.bs, cpu_native_bf16=cpu_bf16())
+               quick=a.quick, channels_last=a.channels_last, steps=a.steps, warmup=a.warmup, bs=a.bs, cpu_native_bf16=cpu_bf16())
     env['overloaded'] = max(l for l in (load_start, load_end, 0) if l is not None) > env['threads'] + 0.5
     keys = ('learner_img_s', 'bare_img_s', 'utilisation', 'learner_utilisation', 'overhead', 'macs', 'bs')
     r20 = models.get('resnet20')
@@ -254,7 +266,7 @@ def report(s, g, models, var, epoch_s, a) -> str:
            ("\n\n**The machine was loaded** (load average above threads + 0.5): the figures are low." if s['overloaded'] else '')
     return f"""fp32 GEMM peak: **{g['gemm_gflops']:,.1f} GFLOP/s** (best of square matmuls {', '.join(str(r['n']) for r in g['by_size'])};
 {s['threads']} thread(s) on {s['cores']} core(s), device {s['device']}; load average {s['load_start']} at start, {s['load_end']} at end).
-Training: batch {a.bs}, Adam, {a.steps} timed steps after {a.warmup} warm-up steps (best of {a.rounds} alternating round(s)), random uint8 batches held in memory
+Training: batch {a.bs}, Adam, fp32, {'channels_last memory format (fastai `ChannelsLast` in the Learner)' if a.channels_last else 'contiguous memory format'}, {a.steps} timed steps after {a.warmup} warm-up steps (best of {a.rounds} alternating round(s)), random uint8 batches held in memory
 (MGNet: the embedded digits at 28×28 on 60×60 cluttered canvases, ResNet-8 at half width, 3 glimpses), gathered and
 converted by the same `TensorDL`. Utilisation = 6 × MACs × images/s ÷ GEMM peak; overhead = bare images/s ÷ Learner
 images/s − 1 (the Learner uses fastai's Adam; the bare loop torch's).{warn}
@@ -265,7 +277,7 @@ One epoch of CIFAR-10 (50,000 training images) at these rates:
 
 {ep}
 
-Variants (bare loop unless named; speedup against the bare fp32 baseline):
+Variants (bare loop unless named; speedup against the bare loop of the main table):
 
 {md_table(var, ['model', 'variant', 'img_s', 'speedup', 'note'])}
 """

@@ -19,12 +19,12 @@ from .core import check_finite, seed_everything, demo_row, unwrap, save_atomic, 
 # %% auto #0
 __all__ = ['KINDS', 'LENET5_LAYERS', 'ADMM_LENET5_KEEP', 'topk_mask', 'prune_mask', 'prune_unstructured', 'group_matrix',
            'group_mask', 'prune_structured', 'max_level', 'quantize_to', 'best_interval', 'quantize', 'Target',
-           'project', 'weight_layers', 'resolve_targets', 'ADMMState', 'ADMM', 'ADMMCallback', 'HardPruneState',
-           'HardPrune', 'HardPruneCallback', 'relative_index_entries', 'layer_storage', 'plain_state_dict',
-           'compression_report', 'apply_targets', 'export_compressed', 'CompressedFileError', 'compressed_bytes',
-           'save_compressed', 'read_compressed', 'load_compressed', 'lenet5_targets', 'admm_prune', 'magnitude_prune',
-           'plain_copy', 'live_channels', 'shrink_blocks', 'SparseLinear', 'sparse_linear_copy', 'cpu_latency',
-           'admm_row']
+           'project', 'weight_layers', 'as_targets', 'resolve_targets', 'ADMMState', 'ADMM', 'ADMMCallback',
+           'HardPruneState', 'HardPrune', 'HardPruneCallback', 'relative_index_entries', 'layer_storage',
+           'plain_state_dict', 'compression_report', 'apply_targets', 'export_compressed', 'CompressedFileError',
+           'compressed_bytes', 'save_compressed', 'read_compressed', 'load_compressed', 'lenet5_targets', 'admm_prune',
+           'magnitude_prune', 'plain_copy', 'live_channels', 'shrink_blocks', 'SparseLinear', 'sparse_linear_copy',
+           'cpu_latency', 'admm_row']
 
 # %% ../nbs/40_admm.ipynb #bb0fec2f
 KINDS = ('unstructured', 'filter', 'channel', 'column')
@@ -187,14 +187,19 @@ def _as_target(t) -> Target:
     if isinstance(t, (int, float)): return Target(rate=float(t))
     raise TypeError(f"a target must be a Target, a dict of Target arguments or a pruning rate; got {type(t).__name__}")
 
+def as_targets(targets:dict # {layer name: Target, pruning rate or dict of Target arguments}
+              ) -> dict:
+    "`{name: Target}` from `targets`; a `ValueError` when it names no layer"
+    if not targets: raise ValueError("`targets` is empty: name at least one layer to constrain")
+    return {k: _as_target(t) for k, t in targets.items()}
+
 def resolve_targets(model:nn.Module, # the model whose layers are named
                     targets:dict # {layer name: Target, pruning rate or dict of Target arguments}
                    ) -> dict:
     "Map `{module name: Target | rate | dict}` to `{name: (module, Target)}` on `model`"
-    if not targets: raise ValueError("`targets` is empty: name at least one layer to constrain")
     mods = dict(unwrap(model).named_modules())
     res = {}
-    for name, t in targets.items():
+    for name, t in as_targets(targets).items():
         if name not in mods:
             raise KeyError(f"unknown layer {name!r}; layers with weights: {list(weight_layers(model))}")
         m = mods[name]
@@ -358,8 +363,7 @@ class ADMMCallback(_ModelStateCallback):
         if unit not in ('epoch', 'batch'): raise ValueError(f"unit must be 'epoch' or 'batch'; got {unit!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1: raise ValueError(f"every must be an integer >= 1; got {every!r}")
         _check_rho(rho, rho_schedule)
-        if not targets: raise ValueError("`targets` is empty: name at least one layer to constrain")
-        self.targets = {k: _as_target(t) for k, t in targets.items()}
+        self.targets = as_targets(targets)
         store_attr('rho_schedule,every,unit'); self.rho0, self.state = float(rho), None
 
     def new_state(self, model) -> ADMMState:
@@ -481,8 +485,7 @@ class HardPruneCallback(_ModelStateCallback):
     run_after = MixedPrecision   # grads are masked once unscaled
     def __init__(self, targets:dict # {layer name: Target, pruning rate or dict of Target arguments}
                 ):
-        if not targets: raise ValueError("`targets` is empty: name at least one layer to constrain")
-        self.targets, self.state, self.engine = {k: _as_target(t) for k, t in targets.items()}, None, None
+        self.targets, self.state, self.engine = as_targets(targets), None, None
 
     def new_state(self, model) -> HardPruneState:
         layers = resolve_targets(model, self.targets)

@@ -13,6 +13,7 @@ from fastcore.all import *
 from fastai.learner import Callback
 from fastai.torch_core import params
 from .core import check_images, model_device, unwrap
+from .data import check_dls_nonempty
 
 # %% auto #0
 __all__ = ['check_param', 'check_dls', 'check_dl', 'check_batch', 'size_error', 'check_classifier', 'endless', 'ResnetBlock',
@@ -46,12 +47,10 @@ def _n_items(dl):
 
 def check_dls(dls, # fastai `DataLoaders`
               what:str='DataLoaders'): # how the message names them
-    "Raise a `ValueError` naming the split if the train or valid dataset of `dls` is empty"
+    "Raise a `ValueError` naming the split if `dls` lacks a train or valid DataLoader or its dataset is empty"
     for split in ('train', 'valid'):
-        dl = getattr(dls, split, None)
-        if dl is None: raise ValueError(f"the {what} have no {split} DataLoader")
-        if _n_items(dl) == 0: raise ValueError(f"the {split} dataset of the {what} is empty")
-    return dls
+        if getattr(dls, split, None) is None: raise ValueError(f"the {what} have no {split} DataLoader")
+    return check_dls_nonempty(dls, what)
 
 def check_dl(dl, # a DataLoader of images
              what:str='target DataLoader'): # how the message names it

@@ -14,10 +14,10 @@ from pathlib import Path
 from fastai.callback.hook import hook_outputs
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'DEMO_ROWS', 'BENCHMARK_URL', 'seed_everything', 'best_device', 'model_device', 'unwrap',
-           'get_stages', 'StageHooks', 'stage_features', 'save_atomic', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'CheckpointError', 'load_checkpoint', 'check_finite', 'check_images', 'grad_scale', 'demo_row',
-           'benchmark_markdown', 'show_benchmark']
+__all__ = ['CHECKPOINT_FORMAT', 'DEMO_ROWS', 'BENCHMARK_URL', 'seed_everything', 'best_device', 'model_device', 'trim_memory',
+           'unwrap', 'get_stages', 'StageHooks', 'stage_features', 'save_atomic', 'rng_state', 'set_rng_state',
+           'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'check_finite', 'check_images', 'grad_scale',
+           'demo_row', 'benchmark_markdown', 'show_benchmark']
 
 # %% ../nbs/00_core.ipynb #28e38d76
 def seed_everything(seed:int=42, # seed for Python's `random`, NumPy and torch (on every device)
@@ -43,6 +43,13 @@ def model_device(m:nn.Module, # the module whose device is read
     t = next(iter(m.parameters()), None)
     if t is None: t = next(iter(m.buffers()), None)
     return torch.device('cpu') if t is None else t.device
+
+# %% ../nbs/00_core.ipynb #6256888c
+def trim_memory() -> bool:
+    "Give the heap memory freed by torch back to the OS (glibc's `malloc_trim`); False where there is no glibc"
+    import ctypes, ctypes.util
+    try: return bool(ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim(0))
+    except (OSError, AttributeError): return False
 
 # %% ../nbs/00_core.ipynb #2f6c8f08
 import torch.distributed as dist

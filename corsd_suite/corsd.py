@@ -15,8 +15,8 @@ from fastai.data.core import DataLoaders
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 import fastai.callback.schedule  # fit_one_cycle
-from .core import unwrap, get_stages, stage_features, check_finite, check_images, model_device, seed_everything, demo_row
-from .data import TensorDL
+from .core import unwrap, get_stages, stage_features, check_finite, check_images, model_device, seed_everything, demo_row, trim_memory
+from .data import TensorDL, check_dls_nonempty
 from .models import get_model
 from .evaluate import eval_mode, evaluate_accuracy
 
@@ -25,8 +25,8 @@ __all__ = ['BYOT_WEIGHTS', 'CORSD_WEIGHTS', 'check_hyper', 'triplet_tables', 'tr
            'triplet_dls', 'SepConv', 'sep_trunk', 'init_cnn_', 'RelationNet', 'PrototypeNet', 'BYOTExit',
            'stage_shapes', 'MultiExitNet', 'exit_outputs', 'multi_exit', 'soft_ce', 'target_ce', 'BYOTLoss',
            'pair_outputs', 'CORSDLoss', 'proto_term', 'exit_accuracies', 'relation_scores', 'ExitAccuracy', 'LossTerm',
-           'SelfDistillCallback', 'BYOTCallback', 'CORSDCallback', 'check_dls', 'exit_metrics', 'byot_learner',
-           'corsd_learner', 'exit_learner', 'corsd_row']
+           'SelfDistillCallback', 'BYOTCallback', 'CORSDCallback', 'exit_metrics', 'byot_learner', 'corsd_learner',
+           'exit_learner', 'corsd_row']
 
 # %% ../nbs/10_corsd.ipynb #9aedc764
 def check_hyper(name:str, # the hyper-parameter's name, for the message
@@ -480,6 +480,7 @@ class SelfDistillCallback(Callback):
         for k,v in terms.items():
             self.sums[k] = self.sums.get(k, 0.) + v.detach().float().item(); self.counts[k] = self.counts.get(k, 0) + 1
     def after_batch(self): self.stash.feats = None   # exit logits stay for the metrics (Recorder runs later)
+    def after_epoch(self): trim_memory()             # pair batches fragment glibc's heap: give freed memory back
     def after_cancel_batch(self): self.stash.feats = None
     def after_fit(self):
         net = self.net(); self._reset(net); net.collect = False
@@ -516,13 +517,6 @@ class CORSDCallback(SelfDistillCallback):
         if self.training and len(self.yb): check_triplets(self.yb[0])
 
 # %% ../nbs/10_corsd.ipynb #1c7fe014
-def check_dls(dls): # fastai `DataLoaders`
-    "Raise a `ValueError` naming the split if the training or validation dataset of `dls` is empty"
-    for name, dl in (('train', dls.train), ('valid', dls.valid)):
-        ds = getattr(dl, 'dataset', None)
-        if ds is not None and len(ds) == 0: raise ValueError(f"the {name} dataset of these DataLoaders is empty")
-    return dls
-
 def exit_metrics(net:MultiExitNet, # the wrapper
                  cb:SelfDistillCallback # its callback
                 ) -> list:
@@ -531,7 +525,7 @@ def exit_metrics(net:MultiExitNet, # the wrapper
     return accs + [LossTerm(cb, n) for n in cb.term_names]
 
 def _exit_net(dls, arch, model_kw, exits, relations):
-    check_dls(dls)
+    check_dls_nonempty(dls, 'corsd_learner' if relations else 'byot_learner')
     kw = {**(dict(size=dls.size[0]) if arch == 'lenet5' else {}), **(model_kw or {})}
     m = get_model(arch, n_in=dls.n_channels, n_out=dls.c, stats=dls.stats, **kw)
     return multi_exit(m, dls.n_channels, dls.size, n_out=dls.c, exits=exits, relations=relations)
@@ -562,7 +556,7 @@ def corsd_learner(dls, # `DataLoaders` from `image_dls`; the training loader bec
     cb_kw = dict(cb_kw or {})
     cb = CORSDCallback(**cb_kw)
     net = _exit_net(dls, arch, model_kw, cb.byot, True)
-    return _learner(triplet_dls(check_dls(dls), n_triplets), net, cb, cbs, metrics, kwargs)
+    return _learner(triplet_dls(dls, n_triplets), net, cb, cbs, metrics, kwargs)
 
 def exit_learner(dls, # `DataLoaders` from `image_dls`
                  arch:str='resnet8', # zoo model

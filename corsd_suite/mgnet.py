@@ -16,6 +16,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import params
 import fastai.callback.schedule
 from .core import check_images, check_finite, grad_scale, demo_row, seed_everything, unwrap
+from .data import check_dls_nonempty
 from .models import get_model, staged_splitter
 from .evaluate import count_flops, evaluate_accuracy, eval_mode
 
@@ -255,10 +256,7 @@ def mgnet_splitter(m:nn.Module # an `MGNet` (or a wrapper holding it)
 def check_dls(dls # fastai `DataLoaders` to check
              ):
     "Raise a `ValueError` naming the split if `dls` has an empty train or valid set, or a train loader with no batch"
-    for name, dl in (('train', dls.train), ('valid', dls.valid)):
-        ds = getattr(dl, 'dataset', None)
-        n = len(ds) if ds is not None and hasattr(ds, '__len__') else getattr(dl, 'n', None)
-        if n == 0: raise ValueError(f"the {name} DataLoader is empty (its dataset has no items)")
+    check_dls_nonempty(dls, 'mgnet_learner')
     if len(dls.train) == 0:
         raise ValueError(f"the train DataLoader yields no batch ({getattr(dls.train, 'n', '?')} items, bs={dls.train.bs}, drop_last)")
     if getattr(dls, 'c', None) is None: raise ValueError("the DataLoaders have no class count `c` (build them with `corsd_suite.data.image_dls`)")

@@ -72,6 +72,34 @@ def test_resume_is_bit_identical(tmp_path):
     assert on_disk['settings'] == dict(arch='resnet8', epochs=3, seed=0) and 'commit' in on_disk['git']
     assert {'load_start', 'load_end', 'torch', 'wall_seconds', 'sec_per_epoch'} <= set(on_disk)
 
+def fmt_probe(ctx):
+    "Fit one epoch; report the first conv weight's memory format, its output dtype in training and the loss dtype"
+    learn = learner(ctx, 'train', 'resnet8')
+    seen = {}
+    conv = [m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)][-1]   # else both formats at once
+    conv.register_forward_hook(lambda m, i, o: seen.update(conv_out=str(o.dtype)) if m.training else None)
+    class Probe(Callback):
+        order = 50
+        def after_loss(self): seen['loss'] = str(self.loss.dtype)
+    learn.add_cb(Probe())
+    ctx.fit(learn, 1, 5e-3)
+    w = conv.weight
+    return dict(channels_last=w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous(), **seen)
+
+def test_train_format(tmp_path):
+    "channels_last by default, contiguous or bf16 on request; the format is part of the settings hash and of the run record"
+    b = bench(tmp_path); b.add(fmt_probe, 'f', seed=0); r = b.run()['f']
+    assert r['result'] == dict(channels_last=True, conv_out='torch.float32', loss='torch.float32')
+    assert r['train_format'] == dict(channels_last=True, bf16=False)
+    b = bench(tmp_path, channels_last=False, bf16=True); b.add(fmt_probe, 'f', seed=0)
+    assert b.status()['runs'] == dict(f='stale')              # made in another format: not mixed in
+    r = b.run()['f']
+    assert r['result'] == dict(channels_last=False, conv_out='torch.bfloat16', loss='torch.float32')   # bf16 inside, fp32 loss
+    assert r['train_format'] == dict(channels_last=False, bf16=True)
+    assert 'contiguous+bf16' in runner.runs_table({'f': r})
+    a = runner.add_args(__import__('argparse').ArgumentParser()).parse_args(['--no-channels_last', '--bf16'])
+    assert runner.train_format(a) == dict(channels_last=False, bf16=True)
+
 def two_stages(ctx):
     base = learner(ctx, 'base', 'lenet5')
     ctx.fit(base, 1, 5e-3, stage='base', shared=f"base-s{ctx.seed}")
