@@ -171,9 +171,9 @@ def test_bad_batches():
 def test_empty_data():
     pair, dls, clf, tdl = _setup()
     empty_valid = DataLoaders(dls.train, TensorDL(pair.target_eval.subset([]), 32))
-    with pytest.raises(ValueError, match='valid dataset'): _cl(empty_valid, clf, tdl)
+    with pytest.raises(ValueError, match='validation set'): _cl(empty_valid, clf, tdl)
     empty_train = DataLoaders(TensorDL(pair.source_train.subset([]), 32), dls.valid)
-    with pytest.raises(ValueError, match='train dataset'): _cl(empty_train, clf, tdl)
+    with pytest.raises(ValueError, match='training set'): _cl(empty_train, clf, tdl)
     with pytest.raises(ValueError, match='target DataLoader is empty'): _cl(dls, clf, TensorDL(pair.target_adapt.subset([]), 32))
 
 def test_frozen_bn_buffers_identical_and_code_faithful_moves():

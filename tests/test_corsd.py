@@ -293,7 +293,8 @@ def test_empty_splits_refused():
             dls = _dls()
             dl = getattr(dls, split)
             dl.dataset = dl.dataset.subset([])
-            with pytest.raises(ValueError, match=f'the {split} dataset of these DataLoaders is empty'): fn(dls)
+            name = 'training' if split == 'train' else 'validation'
+            with pytest.raises(ValueError, match=fr'{fn.__name__}: the {name} set \(dls.{split}_ds\) is empty'): fn(dls)
 
 def test_labels_out_of_range():
     learn = byot_learner(_dls(), 'resnet8')

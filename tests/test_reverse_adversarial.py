@@ -138,8 +138,8 @@ def test_bad_hyper_parameters_and_data():
         with l.no_bar(), l.no_logging(): l.fit(1)
     tr = digits(16).split(0.2, 0)[0]
     with pytest.raises(ValueError, match='empty'): adapt_to_scene(clf, tr.subset([]))
-    with pytest.raises(ValueError, match='valid dataset'): reverse_adv_learner(DataLoaders(dls.train, TensorDL(tr.subset([]), 32)), clf)
-    with pytest.raises(ValueError, match='train dataset'): reverse_adv_learner(DataLoaders(TensorDL(tr.subset([]), 32), dls.valid), clf)
+    with pytest.raises(ValueError, match='validation set'): reverse_adv_learner(DataLoaders(dls.train, TensorDL(tr.subset([]), 32)), clf)
+    with pytest.raises(ValueError, match='training set'): reverse_adv_learner(DataLoaders(TensorDL(tr.subset([]), 32), dls.valid), clf)
 
 def test_demo_row():
     r = reverse_adversarial_row(quick=True)
