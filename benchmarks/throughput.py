@@ -100,7 +100,6 @@ def make_learner(name:str, bs:int, n_batches:int, dev:torch.device, opt_func=Non
 
 # ----------------------------------------------------------------------------------------------------- measuring
 from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.channelslast import ChannelsLast
 
 class StepTimer(Callback):
     "Time the training batches from `warmup` on, then stop the fit (no validation)"
@@ -152,7 +151,7 @@ def measure_model(name:str, a, dev, peak:float, bs:int|None=None) -> dict:
     learn, shape = make_learner(name, bs, n, dev)
     bare_learn, _ = make_learner(name, bs, n, dev)          # same init and batches, its own model and loss
     macs = count_flops(learn.model.to(dev), shape)['macs']
-    if a.channels_last: learn.add_cb(ChannelsLast())
+    runner.set_train_format(learn, dict(channels_last=a.channels_last))
     li = bi = 0.
     for _ in range(a.rounds):   # alternate, keep the best of each: neither gains from going second
         li = max(li, learner_img_s(learn, a, dev))
@@ -181,7 +180,7 @@ def variants(name:str, a, dev, base:dict) -> list:
     row(f'bare loop, fp32, {fmt} (baseline: the main table)', base['bare_img_s'])
     row(f'{other} (fp32)', bare(channels_last=not a.channels_last))
     l, _ = make_learner(name, a.bs, n, dev)
-    if not a.channels_last: l.add_cb(ChannelsLast())
+    runner.set_train_format(l, dict(channels_last=not a.channels_last))
     row(f'Learner, {other} (fp32)', learner_img_s(l, a, dev), f"Learner, {fmt}: {base['learner_img_s']:.1f}")
     bf = torch.bfloat16
     native = dev.type != 'cpu' or cpu_bf16()
@@ -189,7 +188,7 @@ def variants(name:str, a, dev, base:dict) -> list:
     row(f'{fmt} + bf16 autocast', bare(autocast=bf), bf_note)
     row(f'{other} + bf16 autocast', bare(autocast=bf, channels_last=not a.channels_last), bf_note)
     l, _ = make_learner(name, a.bs, n, dev)
-    l.add_cbs([ChannelsLast()] if a.channels_last else []); l.add_cb(runner.Autocast(bf))
+    runner.set_train_format(l, dict(channels_last=a.channels_last, bf16=True))
     row(f'Learner, {fmt} + bf16 autocast (the runner\'s --bf16)', learner_img_s(l, a, dev), bf_note)
     for bs in sorted({64, 256} - {a.bs}) if not a.quick else [max(8, a.bs // 2)]:
         row(f'batch {bs}', bare(bs), 'images/s at another batch size')
@@ -200,7 +199,7 @@ def variants(name:str, a, dev, base:dict) -> list:
             try: row(f'{t} thread(s) (main: {nt})', bare())
             finally: torch.set_num_threads(nt)
     l, _ = make_learner(name, a.bs, n, dev, opt_func=partial(OptimWrapper, opt=torch.optim.Adam))
-    if a.channels_last: l.add_cb(ChannelsLast())
+    runner.set_train_format(l, dict(channels_last=a.channels_last))
     row('Learner with torch.optim.Adam (OptimWrapper)', learner_img_s(l, a, dev), f"Learner with fastai Adam: {base['learner_img_s']:.1f}")
     if not a.compile: rows.append(dict(model=name, variant='torch.compile', note='skipped (--no-compile or --quick)'))
     else:
