@@ -49,6 +49,16 @@ def save_figure(fig, path:Path, dpi:int=110) -> Path:
     fig.savefig(tmp, dpi=dpi); plt.close(fig); os.replace(tmp, path)
     return path
 
+def link_figure(md_path:Path, png:Path, before:str|None=None) -> str:
+    "Make sure the page `md_path` shows the figure `png`: its link added once, at the end or just `before` a heading"
+    link = f"![{png.name}]({png.name})"
+    md = Path(md_path).read_text()
+    if link in md: return link
+    head, sep, tail = md.partition(before) if before else (md, '', '')
+    if not sep: head, tail = md, ''
+    atomic_write(Path(md_path), head.rstrip('\n') + f"\n\n{link}\n" + ('\n' + sep + tail if sep else ''))
+    return link
+
 def write_result(name:str, summary:dict, details:dict, markdown:str, seconds:float|None=None, results:Path|None=None):
     "Write {results}/{name}.json (summary, details, command, machine) and {name}.md; `results` defaults to benchmarks/results"
     out = Path(results or RESULTS)

@@ -5,7 +5,8 @@ PGD sanity check: a ResNet-8 trained on the embedded digits (16×16) for 8 epoch
 restarts must not raise it (no gradient masking).
 CLI start-up: wall time of `corsd-suite --help` and `corsd-suite --version` (median of --cli-runs runs; target < 2 s).
 Usage: python benchmarks/foundation.py [--seeds 3] [--epochs 8]
-       python benchmarks/foundation.py --cli-only   # measure only the CLI start-up, merged into the existing results"""
+       python benchmarks/foundation.py --cli-only   # measure only the CLI start-up, merged into the existing results
+       python benchmarks/foundation.py --plot       # redraw the PGD figure from the JSON"""
 import argparse, json, os, statistics, subprocess, time
 from pathlib import Path
 
@@ -45,11 +46,31 @@ def merge_cli(cli:dict, runs:int):
     _atomic_write(mf, md + '\n\n' + cli_markdown(cli, runs))
     print(cli_markdown(cli, runs)); print(f"merged into {jf} and {mf}")
 
+def pgd_figure(eps:list, curves:list, strong:list) -> Path:
+    "PGD accuracy against eps, mean ± std over seeds, with the stronger attack's points"
+    import sys, numpy as np; sys.path.insert(0, str(Path(__file__).parent))
+    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+    from common import save_figure
+    c, st = 100 * np.array(curves), 100 * np.array(strong)
+    fig, ax = plt.subplots(figsize=(5.5, 3.3))
+    ax.errorbar(eps, c.mean(0), yerr=c.std(0), marker='o', capsize=3, label='PGD 10 steps')
+    ax.errorbar([0.02, 0.05], st.mean(0), yerr=st.std(0), marker='x', ls='none', capsize=3, label='PGD 40 steps × 3 restarts')
+    ax.set_xlabel('eps (L∞, pixel units)'); ax.set_ylabel('accuracy (%)'); ax.legend(fontsize=8)
+    ax.set_title(f'ResNet-8 on the digits, {len(curves)} seeds (mean ± std)', fontsize=9)
+    plt.tight_layout()
+    return save_figure(fig, RESULTS/'foundation_pgd.png')
+
 p = argparse.ArgumentParser()
 p.add_argument('--seeds', type=int, default=3); p.add_argument('--epochs', type=int, default=8)
 p.add_argument('--cli-only', action='store_true', help='measure only the CLI start-up and merge it into the existing results')
 p.add_argument('--cli-runs', type=int, default=5)
+p.add_argument('--plot', action='store_true', help='only redraw the PGD figure from the existing results')
 a = p.parse_args()
+if a.plot:
+    import sys; sys.path.insert(0, str(Path(__file__).parent)); from common import link_figure
+    d = json.loads((RESULTS/'foundation.json').read_text())['details']
+    link_figure(RESULTS/'foundation.md', pgd_figure(d['eps'], d['pgd_curves'], d['pgd_strong']), before='## CLI start-up')
+    raise SystemExit(0)
 if a.cli_only:
     merge_cli(cli_startup(a.cli_runs), a.cli_runs)
     raise SystemExit(0)
@@ -88,6 +109,7 @@ md = ("## Model zoo (FLOPs counted by torch.utils.flop_counter; MACs = FLOPs/2)\
       f"\n\n## PGD sanity check (ResNet-8 on digits 16×16, {a.epochs} epochs, {a.seeds} seeds, mean ± std %)\n\n" +
       md_table(pgd_rows) + f"\n\nAccuracy falls monotonically with eps in every seed: **{mono}**. 40 steps × 3 restarts "
       f"at eps 0.02/0.05 give {[round(100*x,1) for x in map(lambda i: mean_std([s[i] for s in strong])['mean'], range(2))]}% "
-      f"(≤ the 10-step figures + 1 point: **{no_mask}**).\n\n" + cli_markdown(cli, a.cli_runs))
+      f"(≤ the 10-step figures + 1 point: **{no_mask}**).\n\n![foundation_pgd.png]({pgd_figure(eps, curves, strong).name})\n\n" +
+      cli_markdown(cli, a.cli_runs))
 write_result('foundation', summary, dict(zoo=zoo, eps=eps, pgd_curves=curves, pgd_strong=strong, clean=clean,
                                          cli_startup=dict(cli, command='python benchmarks/foundation.py --cli-only')), md, time.time()-t0)

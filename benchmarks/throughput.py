@@ -6,16 +6,17 @@ utilisation = 6 × MACs per image × images/s ÷ peak FLOP/s (forward 2 FLOPs pe
 overhead = bare-loop images/s ÷ Learner images/s − 1. Run it alone on the machine (it takes the benchmark lock):
     python benchmarks/throughput.py            # the real measurement (minutes)
     python benchmarks/throughput.py --quick    # a smoke test: a few steps, written to throughput_quick.json
+    python benchmarks/throughput.py --plot     # redraw the figure from the JSON (no measurement)
 """
 from __future__ import annotations
-import argparse, os, sys, time
+import argparse, json, os, sys, time
 from functools import partial
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import torch
 from torch import nn
 import runner
-from common import write_result, md_table
+from common import write_result, md_table, save_figure, link_figure, RESULTS
 
 CIFAR_MODELS = ('resnet8', 'resnet20', 'mobilenet_v2')
 MODELS = ('lenet5',) + CIFAR_MODELS + ('mgnet',)
@@ -35,6 +36,7 @@ def get_args(argv=None):
     p.add_argument('--variant-models', default='resnet20', help='models the variants are tried on')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='try the torch.compile variant (default: yes, except with --quick; compiling takes minutes on CPU)')
+    p.add_argument('--plot', action='store_true', help='only redraw results/<out>.png from results/<out>.json')
     p.add_argument('--out', default=None, help='result name (default throughput; quick: throughput_quick)')
     a = p.parse_args(argv)
     a.steps = a.steps or (2 if a.quick else 40)
@@ -214,8 +216,29 @@ def variants(name:str, a, dev, base:dict) -> list:
     return rows
 
 # ---------------------------------------------------------------------------------------------------------- main
+def figure(s:dict, path:Path) -> Path:
+    "Utilisation of the GEMM peak per model (bare loop and Learner) and the CIFAR-10 epoch time, from a summary"
+    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+    ms, ep = s['models'], s['cifar10_epoch_seconds']
+    fig, axs = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw=dict(width_ratios=[3, 2]))
+    x = range(len(ms))
+    for dx, k, lab in ((-.2, 'utilisation', 'bare loop'), (.2, 'learner_utilisation', 'fastai Learner')):
+        axs[0].bar([i + dx for i in x], [100 * r[k] for r in ms.values()], width=.4, label=lab)
+    axs[0].axhline(50, color='k', lw=.7, ls='--', label='target (ResNet-20)')
+    axs[0].set_xticks(list(x), list(ms)); axs[0].set_ylabel('% of fp32 GEMM peak'); axs[0].legend(fontsize=8)
+    axs[0].set_title(f"training, {s['threads']} thread(s), peak {s['gemm_gflops']:.0f} GFLOP/s", fontsize=9)
+    axs[1].barh(list(ep), [v['learner'] for v in ep.values()])
+    for i, v in enumerate(ep.values()): axs[1].text(v['learner'], i, f" {v['learner']:.0f} s", va='center', fontsize=8)
+    axs[1].set_xlim(0, 1.2 * max(v['learner'] for v in ep.values()))
+    axs[1].set_xlabel('seconds per CIFAR-10 epoch (Learner)'); axs[1].invert_yaxis()
+    plt.tight_layout()
+    return save_figure(fig, path)
+
 def main(argv=None):
     a = get_args(argv)
+    if a.plot:
+        res = json.loads((RESULTS/f'{a.out}.json').read_text())
+        return link_figure(RESULTS/f'{a.out}.md', figure(res['summary'], RESULTS/f'{a.out}.png'))
     dev = runner.resolve_device(a.device)
     if a.threads: torch.set_num_threads(a.threads)
     t_all = time.perf_counter()
@@ -247,7 +270,7 @@ def main(argv=None):
                                             overhead_target=0.10, overhead_met=r20['overhead'] <= 0.10)
     summary = dict(gemm_gflops=peak, models={m: {k: r[k] for k in keys} for m, r in models.items()}, targets=targets,
                    cifar10_epoch_seconds=epoch_s, variants=var, command=runner.command_line(), **env)
-    md = report(summary, g, models, var, epoch_s, a)
+    md = report(summary, g, models, var, epoch_s, a) + f"\n![{a.out}.png]({figure(summary, RESULTS/f'{a.out}.png').name})\n"
     return write_result(a.out, summary, dict(gemm=g, models=models), md, seconds=time.perf_counter() - t_all)
 
 def report(s, g, models, var, epoch_s, a) -> str:
