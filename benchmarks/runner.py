@@ -155,6 +155,11 @@ class Autocast(Callback):
         if getattr(self, 'ctx', None) is not None: self.ctx.__exit__(None, None, None); self.ctx = None
     def after_cancel_batch(self): self.after_loss()
 
+def close_autocast(learn):
+    "Leave the autocast a batch entered, if it raised before its loss (fastai runs no event after other exceptions)"
+    for cb in learn.cbs:
+        if isinstance(cb, Autocast): cb.after_loss()
+
 def set_train_format(learn, fmt:dict):
     "Add the callbacks that train `learn` in format `fmt` (see `train_format`), once"
     if fmt.get('channels_last') and not hasattr(learn, 'channels_last'): learn.add_cb(ChannelsLast())
@@ -241,7 +246,8 @@ class RunContext:
             if kind == 'flat_cos' and start: raise ValueError("fastai's fit_flat_cos ignores start_epoch: use kind='one_cycle' or 'fit' for resumable stages")
         cb = EpochCheckpoint(ckpt, start, secs, vals, meta)
         with learn.no_bar(), learn.no_logging():   # also when every epoch is done: the callbacks' after_fit still runs
-            fits[kind](epochs, lr, cbs=cb, **({'start_epoch': start} if start else {}), **kwargs)
+            try: fits[kind](epochs, lr, cbs=cb, **({'start_epoch': start} if start else {}), **kwargs)
+            finally: close_autocast(learn)
         if cb.values and getattr(learn, 'recorder', None) is not None: learn.recorder.values = list(cb.values)
         from corsd_suite.core import save_checkpoint
         save_checkpoint(learn, final, extra=dict(meta, epoch=epochs, epoch_seconds=cb.epoch_seconds, values=cb.values))

@@ -100,6 +100,20 @@ def test_train_format(tmp_path):
     a = runner.add_args(__import__('argparse').ArgumentParser()).parse_args(['--no-channels_last', '--bf16'])
     assert runner.train_format(a) == dict(channels_last=False, bf16=True)
 
+def raise_in_forward(ctx):
+    "Fit in bf16 with a model whose forward raises an ordinary exception (not one of fastai's cancel exceptions)"
+    learn = learner(ctx, 'train', 'lenet5')
+    def boom(m, i, o): raise ValueError('bad batch')
+    learn.model.register_forward_hook(boom)
+    ctx.fit(learn, 1, 5e-3)
+
+def test_bf16_exception_leaves_autocast(tmp_path):
+    "A batch that raises under --bf16 does not leave the process in autocast (fastai runs no event after it)"
+    b = bench(tmp_path, bf16=True); b.add(raise_in_forward, 'r', seed=0)
+    with pytest.raises(ValueError, match='bad batch'): b.run()
+    assert not torch.is_autocast_enabled('cpu')
+    assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float32
+
 def two_stages(ctx):
     base = learner(ctx, 'base', 'lenet5')
     ctx.fit(base, 1, 5e-3, stage='base', shared=f"base-s{ctx.seed}")
