@@ -227,10 +227,12 @@ def figure(s:dict, path:Path) -> Path:
     axs[0].axhline(50, color='k', lw=.7, ls='--', label='target (ResNet-20)')
     axs[0].set_xticks(list(x), list(ms)); axs[0].set_ylabel('% of fp32 GEMM peak'); axs[0].legend(fontsize=8)
     axs[0].set_title(f"training, {s['threads']} thread(s), peak {s['gemm_gflops']:.0f} GFLOP/s", fontsize=9)
-    axs[1].barh(list(ep), [v['learner'] for v in ep.values()])
-    for i, v in enumerate(ep.values()): axs[1].text(v['learner'], i, f" {v['learner']:.0f} s", va='center', fontsize=8)
-    axs[1].set_xlim(0, 1.2 * max(v['learner'] for v in ep.values()))
-    axs[1].set_xlabel('seconds per CIFAR-10 epoch (Learner)'); axs[1].invert_yaxis()
+    if not ep: axs[1].axis('off')          # no CIFAR model measured
+    else:
+        axs[1].barh(list(ep), [v['learner'] for v in ep.values()])
+        for i, v in enumerate(ep.values()): axs[1].text(v['learner'], i, f" {v['learner']:.0f} s", va='center', fontsize=8)
+        axs[1].set_xlim(0, 1.2 * max(v['learner'] for v in ep.values()))
+        axs[1].set_xlabel('seconds per CIFAR-10 epoch (Learner)'); axs[1].invert_yaxis()
     plt.tight_layout()
     return save_figure(fig, path)
 
