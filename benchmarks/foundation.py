@@ -9,6 +9,7 @@ Usage: python benchmarks/foundation.py [--seeds 3] [--epochs 8]
        python benchmarks/foundation.py --plot       # redraw the PGD figure from the JSON"""
 import argparse, json, os, statistics, subprocess, time
 from pathlib import Path
+from common import save_figure, link_figure   # the script's folder is on sys.path; common imports no torch
 
 RESULTS = Path(__file__).parent/'results'
 
@@ -48,9 +49,7 @@ def merge_cli(cli:dict, runs:int):
 
 def pgd_figure(eps:list, curves:list, strong:list) -> Path:
     "PGD accuracy against eps, mean ± std over seeds, with the stronger attack's points"
-    import sys, numpy as np; sys.path.insert(0, str(Path(__file__).parent))
-    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
-    from common import save_figure
+    import numpy as np, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
     c, st = 100 * np.array(curves), 100 * np.array(strong)
     fig, ax = plt.subplots(figsize=(5.5, 3.3))
     ax.errorbar(eps, c.mean(0), yerr=c.std(0), marker='o', capsize=3, label='PGD 10 steps')
@@ -67,7 +66,6 @@ p.add_argument('--cli-runs', type=int, default=5)
 p.add_argument('--plot', action='store_true', help='only redraw the PGD figure from the existing results')
 a = p.parse_args()
 if a.plot:
-    import sys; sys.path.insert(0, str(Path(__file__).parent)); from common import link_figure
     d = json.loads((RESULTS/'foundation.json').read_text())['details']
     link_figure(RESULTS/'foundation.md', pgd_figure(d['eps'], d['pgd_curves'], d['pgd_strong']), before='## CLI start-up')
     raise SystemExit(0)
