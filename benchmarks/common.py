@@ -59,10 +59,12 @@ def link_figure(md_path:Path, png:Path, before:str|None=None) -> str:
     atomic_write(Path(md_path), head.rstrip('\n') + f"\n\n{link}\n" + ('\n' + sep + tail if sep else ''))
     return link
 
-def write_result(name:str, summary:dict, details:dict, markdown:str, seconds:float|None=None, results:Path|None=None):
-    "Write {results}/{name}.json (summary, details, command, machine) and {name}.md; `results` defaults to benchmarks/results"
+def write_result(name:str, summary:dict, details:dict, markdown:str, seconds:float|None=None, results:Path|None=None,
+                 command:str|None=None):
+    """Write {results}/{name}.json (summary, details, command, machine) and {name}.md; `results` defaults to
+    benchmarks/results, `command` to this process's command line"""
     out = Path(results or RESULTS)
-    cmd = command_line()
+    cmd = command or command_line()
     res = dict(name=name, summary=summary, details=details, command=cmd, machine=machine(),
                seconds=seconds, date=time.strftime('%Y-%m-%d'))
     atomic_write(out/f'{name}.json', json.dumps(res, indent=2, default=float))

@@ -388,7 +388,8 @@ class Benchmark:
 
     def report(self,
                build, # `build(runs)` -> (summary dict, markdown) from {run_id: run json} of the finished runs
-               name:str|None=None) -> dict: # result name (default: the benchmark's)
+               name:str|None=None, # result name (default: the benchmark's)
+               command:str|None=None) -> dict: # the command that reproduces it (default: this process's)
         """Summary JSON + markdown from the finished runs: `build(runs)` returns (summary dict, markdown) for
         {run_id: run json}; the page adds the run table, the missing runs and the results not used"""
         st, runs = self.status(), self.finished()
@@ -400,7 +401,7 @@ class Benchmark:
                                           commits=commits, overloaded=sorted(r for r,v in runs.items() if v['overloaded'])))
         md = f"{md}\n\n## Runs\n\n{runs_section(runs, missing, stale, st['other'])}"
         return write_result(name or self.name, summary, dict(runs=runs), md,
-                            seconds=sum(r['wall_seconds'] for r in runs.values()), results=self.results)
+                            seconds=sum(r['wall_seconds'] for r in runs.values()), results=self.results, command=command)
 
 # ------------------------------------------------------------------------------------------------------ reporting
 def runs_table(runs:dict) -> str:
