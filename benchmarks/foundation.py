@@ -9,13 +9,7 @@ Usage: python benchmarks/foundation.py [--seeds 3] [--epochs 8]
        python benchmarks/foundation.py --plot       # redraw the PGD figure from the JSON"""
 import argparse, json, os, statistics, subprocess, time
 from pathlib import Path
-from common import save_figure, link_figure   # the script's folder is on sys.path; common imports no torch
-
-RESULTS = Path(__file__).parent/'results'
-
-def _atomic_write(path:Path, text:str):
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(text); os.replace(tmp, path)
+from common import RESULTS, atomic_write, save_figure, link_figure   # the script's folder is on sys.path; common imports no torch
 
 def cli_startup(runs:int) -> dict:
     "Median and all wall times (s) of `corsd-suite --help` and `--version`, each run in a fresh process"
@@ -42,9 +36,9 @@ def merge_cli(cli:dict, runs:int):
     res['summary'].update(cli_help_seconds=cli['help']['median'], cli_version_seconds=cli['version']['median'])
     res['details']['cli_startup'] = dict(cli, command='python benchmarks/foundation.py --cli-only', date=time.strftime('%Y-%m-%d'),
                                          cores=os.cpu_count())
-    _atomic_write(jf, json.dumps(res, indent=2, default=float))
+    atomic_write(jf, json.dumps(res, indent=2, default=float))
     md = mf.read_text().split('\n## CLI start-up')[0].rstrip('\n')
-    _atomic_write(mf, md + '\n\n' + cli_markdown(cli, runs))
+    atomic_write(mf, md + '\n\n' + cli_markdown(cli, runs))
     print(cli_markdown(cli, runs)); print(f"merged into {jf} and {mf}")
 
 def pgd_figure(eps:list, curves:list, strong:list) -> Path:
