@@ -391,7 +391,9 @@ class Benchmark:
                name:str|None=None, # result name (default: the benchmark's)
                command:str|None=None) -> dict: # the command that reproduces it (default: this process's)
         """Summary JSON + markdown from the finished runs: `build(runs)` returns (summary dict, markdown) for
-        {run_id: run json}; the page adds the run table, the missing runs and the results not used"""
+        {run_id: run json}; the page adds the run table, the missing runs and the results not used. With `--list`
+        nothing is written (a listing reproduces nothing) and None is returned"""
+        if getattr(self.args, 'list', False): return None
         st, runs = self.status(), self.finished()
         missing = [r for r,s in st['runs'].items() if s == 'missing']
         stale = {r: read_json(self.runs_dir/f'{r}.json') for r,s in st['runs'].items() if s == 'stale'}

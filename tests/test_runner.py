@@ -175,6 +175,9 @@ def test_report_missing_stale_and_commits(tmp_path):
     res = b.report(build, command='python x.py --part 1 && python x.py --part 2')   # a result made by several invocations
     assert res['command'] == json.loads((tmp_path/'results'/'t.json').read_text())['command'] == 'python x.py --part 1 && python x.py --part 2'
     assert 'Reproduce: `python x.py --part 1 && python x.py --part 2`' in (tmp_path/'results'/'t.md').read_text()
+    before = (tmp_path/'results'/'t.json').read_text()
+    assert bench(tmp_path, list=True).report(build) is None          # a listing writes no result: it reproduces nothing
+    assert (tmp_path/'results'/'t.json').read_text() == before
     b.run()                                                          # the stale and missing runs are (re)made
     assert b.status()['runs'] == dict(a='done', b='done', c='done')
     assert 'different code' in runner.runs_section(b.finished(), [], {}, [])   # two commits among the runs used
