@@ -24,7 +24,7 @@ Run from the repo root: CORSD_DATA=/work/shared/data python benchmarks/admm.py -
 Smoke test (a couple of minutes): --out admm_smoke --n-train 2000 --n-valid 500 --dense-epochs 1 --admm-epochs 1
   --retrain-epochs 1 --zu-every 1 --quant-epochs 1 --part lenet   (then delete results/admm_smoke* and runs/admm_smoke)
 """
-import argparse, copy, re, sys
+import argparse, copy, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
@@ -274,12 +274,12 @@ def plots(runs):
         plt.tight_layout(); out.append(save_figure(fig, RESULTS/f'{a.out}_latency.png').name)
     return out
 
-def full_command() -> str:
-    "The command reproducing the whole result: this invocation's without `--part` (the default runs both parts)"
-    return re.sub(r' --part[ =]\S+', '', command_line())
+def full_command(runs:dict) -> str:
+    "The commands that made the runs used, in order (the two parts are run by separate invocations), joined by &&"
+    return ' && '.join(dict.fromkeys(r['command'] for r in runs.values())) or command_line()
 
 def summarise(runs):
-    s, md = dict(command=full_command()), []
+    s, md = dict(command=full_command(runs)), []
     if 'lenet-dense' in runs:
         d = runs['lenet-dense']['result']; s.update(train_images=d['train_images'], dense_acc=d['test_acc'])
         md.append(f"LeNet-5 dense: {100*d['test_acc']:.2f}% test ({d['fit_images']} images fitted, {d['valid_images']} held out for validation).")
@@ -315,4 +315,4 @@ def summarise(runs):
     md += [f"![{i}]({i})" for i in imgs]
     return s, '\n\n'.join(md)
 
-bench.report(summarise, command=full_command())
+bench.report(summarise, command=full_command(bench.finished()))
