@@ -118,7 +118,9 @@ class StepTimer(Callback):
 def learner_img_s(learn, a, dev) -> float:
     "Training images/s of `learn.fit` over the batches after `a.warmup`"
     timer = StepTimer(a.warmup, dev)
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=timer)
+    with learn.no_bar(), learn.no_logging():
+        try: learn.fit(1, 1e-3, cbs=timer)
+        finally: runner.close_autocast(learn)   # a batch that raised before its loss leaves no autocast entered
     if not timer.images: raise ValueError(f"no timed batch: the training DataLoader has {len(learn.dls.train)} batches, warm-up {a.warmup}")
     return timer.images / timer.seconds
 
