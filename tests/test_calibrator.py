@@ -217,7 +217,8 @@ def test_benchmark_summary_keys(tmp_path):
     import json
     m = _bench_module()
     a = m.parse(['--seeds', '2'])
-    assert (a.size, a.bs, a.iters, a.lr, a.n_blocks) == (28, 128, 11400, 1e-4, 9)   # the authors' protocol by default
+    assert (a.size, a.bs, a.iters, a.lr, a.n_blocks) == (16, 128, 11400, 1e-4, 9)   # the authors' protocol at USPS's own size
+    assert m.parse(['--size', '28']).size == 28
     with pytest.raises(SystemExit): m.parse(['--arms', 'cal,nope'])
     runs = {}
     for d in m.DIRS:
@@ -226,19 +227,20 @@ def test_benchmark_summary_keys(tmp_path):
                 res = dict(adapt_images=7291 if d == 'mnist_to_usps' else 60000, eval_images=2007, protocol='p', clf_params=1000,
                            iterations=0 if arm in ('source_only', 'adabn') else 11232, target_acc=0.7 + 0.05*i + 0.01*seed,
                            source_acc=0.99 - 0.001*i, **({'cal_params': 50} if arm.startswith('cal') else {}))
-                runs[f'{d}-{arm}-s{seed}'] = dict(settings=dict(direction=d, arm=arm, seed=seed, size=28, bs=128, lr=1e-4, ngf=8,
+                runs[f'{d}-{arm}-s{seed}'] = dict(settings=dict(direction=d, arm=arm, seed=seed, size=16, bs=128, lr=1e-4, ngf=8,
                                                                 n_blocks=9, bound=0.2), result=res, overloaded=False)
     m.OUT_PNG = tmp_path/'c.png'
     s, md = m.summarise(runs)
     for k in ('source_only_acc', 'adabn_acc', 'calibrated_acc', 'calibrated_code_bn_acc', 'dann_acc', 'source_acc_plain',
               'source_acc_calibrated', 'calibrator_param_ratio', 'seeds', 'command', 'adapt_images', 'iterations', 'size'):
         assert k in s, k
-    assert s['adapt_images'] == 7291 and s['iterations'] == 11232 and s['size'] == 28 and s['seeds'] == 2
+    assert s['adapt_images'] == 7291 and s['iterations'] == 11232 and s['size'] == 16 and s['seeds'] == 2
     assert abs(s['calibrated_acc'] - 0.805) < 1e-9 and abs(s['calibrator_param_ratio'] - 0.05) < 1e-9
     for k in ('source_only_acc', 'adabn_acc', 'calibrated_acc', 'calibrated_code_bn_acc', 'dann_acc', 'source_acc_plain', 'source_acc_calibrated'):
         assert k in s['usps_to_mnist'], k
     assert s['usps_to_mnist']['adapt_images'] == 60000
     assert 'MNIST→USPS' in md and 'USPS→MNIST' in md and 'target evaluation labels' in md and 's0: ' in md
+    assert "USPS's own resolution" in md                                      # the size's reason is on the page
     (tmp_path/'c.json').write_text(json.dumps(dict(summary=s)))
     m.plot(tmp_path/'c.json', tmp_path/'c.png')
     assert (tmp_path/'c.png').stat().st_size > 1000
