@@ -12,10 +12,8 @@ The authors' settings are the defaults but for the image size: batch 128, ~11.4k
 calibrator with 9 residual blocks, ngf 8 and bound 0.4 in [-1, 1] units (0.2 in pixel units) for M→U, ngf 4 and
 0.9 (0.45) for U→M, Adam 1e-4 for calibrator, discriminators and DANN. No setting reads target labels: there is no
 model selection at all, every number is the last iteration's (the per-epoch target accuracy is reported only).
-Image size: 16×16 (USPS's own resolution) by default, not the code's 28×28 (MNIST's; USPS upsampled), for cost:
-measured alone on the 2 CPU cores (MNIST→USPS, frozen-BN calibrator, 9 blocks, batch 128) a calibrator
-iteration takes 0.33 s at 28×28 and 0.14 s at 16×16, so the 12 calibrator runs take ~13 h instead of ~5.5 h.
-`--size 28` runs the code's size.
+Image size: 16×16 (USPS's own) by default, not the code's 28×28, for cost (`SIZE_NOTE` gives the measurement: the 12
+calibrator runs take ~5.5 h instead of ~13 h on 2 CPU cores); `--size 28` runs the code's size.
 
     CORSD_DATA=../shared/data python benchmarks/calibrator.py --device auto          # everything, resumable
     python benchmarks/calibrator.py --list                                          # what is done / missing

@@ -3,8 +3,8 @@
 Their scripts now run other protocols (issues 18 and 19 replace the calibrator's and the reverse adversarial
 examples' pages; `corsd_light` was a one-arm pilot), so these pages cannot be redrawn by their benchmark. This
 script draws each one's figure from its JSON alone (nothing is trained) and links it once in the page, before its
-first section heading (or at the end). A page whose JSON is not in the old format is skipped with a message, so running it after a benchmark
-has replaced a page changes nothing there.
+first section heading (or at the end). A page whose JSON is not in the old format is skipped with a message, so
+running it after a benchmark has replaced a page changes nothing there.
 
     python benchmarks/legacy_figures.py                  # every legacy page
     python benchmarks/legacy_figures.py corsd_light      # some of them
