@@ -55,6 +55,7 @@ p.add_argument('--rho-factor', type=float, default=1.3)
 p.add_argument('--rho-max', type=float, default=1e-1)
 p.add_argument('--quant-budget', type=float, default=0.1, help='accuracy points the quantization may lose on validation')
 p.add_argument('--quant-epochs', type=int, default=10)
+p.add_argument('--cifar-bf16', action='store_true', help='train the CIFAR-10 runs alone in bf16 autocast (the runner\'s --bf16 for that part only)')
 p.add_argument('--cifar-arch', default='resnet20')
 p.add_argument('--cifar-dense-epochs', type=int, default=60)
 p.add_argument('--cifar-admm-epochs', type=int, default=20)
@@ -233,9 +234,10 @@ if True:
     cc = dict(part='cifar', seed=a.seed, n_train=a.n_train, n_valid=a.n_valid, bs=a.bs, arch=a.cifar_arch, dense_epochs=a.cifar_dense_epochs,
               admm_epochs=a.cifar_admm_epochs, retrain_epochs=a.cifar_retrain_epochs, lr=a.cifar_lr, bits=a.cifar_bits,
               budget=a.cifar_budget, rho=[a.rho, a.rho_factor, a.rho_max], zu_every=a.zu_every, threads=a.latency_threads)
-    bench.add(cifar_run, 'cifar-dense', kind='dense', **cc)
-    bench.add(cifar_run, 'cifar-nonstructured', kind='nonstructured', rates=a.cifar_ns_rates, **cc)
-    bench.add(cifar_run, 'cifar-structured', kind='structured', rates=a.cifar_s_rates, **cc)
+    fmt = dict(bf16=True) if a.cifar_bf16 else None   # the LeNet part's runs keep the invocation's format
+    bench.add(cifar_run, 'cifar-dense', kind='dense', train_format=fmt, **cc)
+    bench.add(cifar_run, 'cifar-nonstructured', kind='nonstructured', rates=a.cifar_ns_rates, train_format=fmt, **cc)
+    bench.add(cifar_run, 'cifar-structured', kind='structured', rates=a.cifar_s_rates, train_format=fmt, **cc)
 runs = bench.run()
 
 def chosen_rate(ladder, dense_val, budget):

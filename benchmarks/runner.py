@@ -224,12 +224,14 @@ class RunContext:
         fits = dict(one_cycle=learn.fit_one_cycle, fit=learn.fit, flat_cos=learn.fit_flat_cos)
         if kind not in fits: raise ValueError(f"kind must be one of {list(fits)}, not {kind!r}")
         self._check_learner(learn)
-        set_train_format(learn, self.bench.format)
+        fmt = self.bench.plan.get(self.run_id, {}).get('format', self.bench.format)
+        set_train_format(learn, fmt)
         if stage in self._stages: raise ValueError(f"run {self.run_id}: stage {stage!r} fitted twice; give each fit its own stage name")
         self._stages.add(stage)
         d = self._stage_dir(stage, shared)
         final, ckpt = d/'final.pth', d/'epoch.pth'
-        meta = dict(stage=stage, epochs=epochs, kind=kind, lr=lr if lr is None or isinstance(lr, (int, float)) else repr(lr))
+        meta = dict(stage=stage, epochs=epochs, kind=kind, lr=lr if lr is None or isinstance(lr, (int, float)) else repr(lr),
+                    format=fmt_str(fmt))   # a shared stage made in another format is not reused
         if final.exists():
             extra = _load(learn, final, self.device)
             self._check_meta(extra, meta, final)
@@ -298,13 +300,15 @@ class Benchmark:
     def add(self,
             fn, # `fn(ctx)` trains and returns a JSON-able result dict; `ctx` is a `RunContext`
             run_id:str|None=None, # the run's id (default: made from `settings`)
+            train_format:dict|None=None, # this run's own format flags over the invocation's (e.g. `dict(bf16=True)`)
             **settings) -> str: # everything that defines the run (JSON-able); a `seed` setting seeds everything first
-        "Add a run; its settings (and the training format) are hashed: a result made with other settings is not used"
+        "Add a run; its settings (and its training format) are hashed: a result made with other settings is not used"
         try: json.dumps(settings)
         except TypeError as e: raise TypeError(f"settings of run {run_id or settings}: not JSON-able ({e})") from e
         rid = check_id(run_id or run_id_of(settings))
         if rid in self.plan: raise ValueError(f"run id {rid!r} added twice")
-        self.plan[rid] = dict(fn=fn, settings=settings, hash=settings_hash(dict(settings, train_format=self.format)))
+        fmt = dict(self.format, **(train_format or {}))
+        self.plan[rid] = dict(fn=fn, settings=settings, format=fmt, hash=settings_hash(dict(settings, train_format=fmt)))
         return rid
 
     def _selected(self) -> list:
@@ -376,7 +380,7 @@ class Benchmark:
                    cores=os.cpu_count(), load_start=segs[0]['load_start'], load_end=segs[-1]['load_end'],
                    wall_seconds=sum(s.get('seconds', 0.) for s in segs), resumed=len(segs) - 1, segments=segs,
                    epoch_seconds=eps, sec_per_epoch=float(np.mean(all_eps)) if all_eps else None,
-                   train_format=self.format, command=command_line(), date=time.strftime('%Y-%m-%d'))
+                   train_format=plan['format'], command=command_line(), date=time.strftime('%Y-%m-%d'))
         run['overloaded'] = overloaded(run)
         atomic_write(self.runs_dir/f'{rid}.json', json.dumps(run, indent=1, default=float) + '\n')
         print(f"[{rid}] done in {run['wall_seconds']:.1f}s: {result}", flush=True)

@@ -99,6 +99,20 @@ def test_train_format(tmp_path):
     assert 'contiguous+bf16' in runner.runs_table({'f': r})
     a = runner.add_args(__import__('argparse').ArgumentParser()).parse_args(['--no-channels_last', '--bf16'])
     assert runner.train_format(a) == dict(channels_last=False, bf16=True)
+    b = bench(tmp_path, 'cache2', 'results2'); b.add(fmt_probe, 'f', seed=0); b.add(fmt_probe, 'g', seed=0, train_format=dict(bf16=True))
+    r = b.run()                                                     # one invocation, two formats: each run keeps its own
+    assert b.status()['runs'] == dict(f='done', g='done')
+    assert r['f']['train_format'] == dict(channels_last=True, bf16=False) and r['g']['train_format'] == dict(channels_last=True, bf16=True)
+    assert r['g']['result']['conv_out'] == 'torch.bfloat16'
+
+def shared_stage(ctx):
+    ctx.fit(learner(ctx, 'base', 'lenet5'), 1, 5e-3, stage='base', shared='base-s0'); return {}
+
+def test_shared_stage_keeps_its_format(tmp_path):
+    "A shared stage trained in one format is not silently reused by a run in another (its record would lie)"
+    b = bench(tmp_path); b.add(shared_stage, 'a', seed=0); b.run()
+    b = bench(tmp_path, bf16=True); b.add(shared_stage, 'b', seed=0)
+    with pytest.raises(RuntimeError, match='other fit settings'): b.run()
 
 def raise_in_forward(ctx):
     "Fit in bf16 with a model whose forward raises an ordinary exception (not one of fastai's cancel exceptions)"
