@@ -317,4 +317,4 @@ def summarise(runs):
     md += [f"![{i}]({i})" for i in imgs]
     return s, '\n\n'.join(md)
 
-bench.report(summarise, command=full_command(bench.finished()))
+bench.report(summarise, command=full_command(runs))   # `runs`: the finished runs, as the last bench.run() returned them

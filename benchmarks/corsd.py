@@ -205,6 +205,6 @@ def main(argv=None):
     bench = runner.Benchmark(a.out, a)
     plan(bench, a)
     bench.run()
-    if not getattr(a, 'list', False): return bench.report(build_report(a))
+    return bench.report(build_report(a))   # None with --list: a listing writes no result
 
 if __name__ == '__main__': main()

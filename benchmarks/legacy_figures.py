@@ -13,7 +13,7 @@ import sys, json, argparse
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np
-from common import RESULTS, save_figure, link_figure
+from common import RESULTS, save_figure, link_figure, mean_std
 
 CAL_ARMS = {'source_only': 'source only', 'adabn': 'AdaBN', 'cal': 'calibrator,\nfrozen BN',
             'cal_code_bn': "calibrator,\ncode's BN", 'dann': 'DANN'}
@@ -23,8 +23,8 @@ PAGES = ['calibrator', 'calibrator_old_protocol', 'calibrator_code_lr', 'corsd_l
 
 def mean_sd(xs) -> tuple:
     "Mean and sample std (0 for one value) of `xs`, in percent"
-    xs = 100*np.asarray(xs, dtype=float)
-    return xs.mean(), (xs.std(ddof=1) if len(xs) > 1 else 0.)
+    m = mean_std(xs)
+    return 100*m['mean'], 100*m['std']
 
 def bars(ax, labels:list, groups:dict, ylabel:str):
     "Grouped bars: `groups` maps a legend label to a list of (mean, std), one per label"

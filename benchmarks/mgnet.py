@@ -278,7 +278,6 @@ def main(argv=None):
     a = get_args(argv); OUT = a.out
     for _ in range(2):   # pass 1: the selection runs; pass 2: the final runs of the arms whose selection is now complete
         bench = runner.Benchmark(a.out, a); choices = plan(bench, a); bench.run()
-    if not getattr(a, 'list', False):   # the command: every dataset's invocation, in order
-        bench.report(build_report(choices), command=' && '.join(dataset_command(ds) for ds in DATA))
+    bench.report(build_report(choices), command=' && '.join(dataset_command(ds) for ds in DATA))   # every dataset's invocation, in order
 
 if __name__ == '__main__': main()
