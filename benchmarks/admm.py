@@ -307,12 +307,25 @@ def summarise(runs):
                                  index_bits=r.get('index_bits'), bytes=round(r['bytes'])) for r in q['layers']]))
     c = {k: runs[f'cifar-{k}']['result'] for k in ('dense', 'nonstructured', 'structured') if f'cifar-{k}' in runs}
     if 'dense' in c:
-        keys = ('acc', 'kept', 'bytes', 'macs', 'latency_ms')
-        s['cifar10'] = dict(dense_acc=c['dense']['acc'], **{k: {kk: v.get(kk) for kk in keys} for k, v in c.items() if k != 'dense'})
-        md.append(md_table([dict(model=k, acc=f"{100*v['acc']:.2f}" if v.get('acc') is not None else '', kept=v.get('kept'),
+        keys = ('acc', 'kept', 'bytes', 'macs', 'latency_ms', 'rate', 'bits')
+        s['cifar10'] = dict(dense_acc=c['dense']['acc'], dense_valid_acc=c['dense']['valid_acc'], **{k: {kk: v.get(kk) for kk in keys} for k, v in c.items()})
+        dv = c['dense']['valid_acc']
+        md.append(f"CIFAR-10 ladders (fraction removed: of the inner convs' weights for non-structured, of the blocks' inner channels "
+                  f"for structured), validation accuracy after ADMM + masked retraining; dense {100*dv:.2f}%, budget {a.cifar_budget} points:")
+        md.append(md_table([dict(kind=k, removed=r['rate'], valid_acc=f"{100*r['valid_acc']:.2f}", loss_pts=f"{100*(dv-r['valid_acc']):.2f}",
+                                 kept_rung='yes' if r['rate'] == v.get('rate') else '') for k, v in c.items() for r in v.get('rungs', [])]))
+        md.append(md_table([dict(model=k, removed=v.get('rate', ''), bits=v.get('bits', ''), acc=f"{100*v['acc']:.2f}" if v.get('acc') is not None else '', kept=v.get('kept'),
                                  bytes=round(v['bytes']) if v.get('bytes') else '', macs=v.get('macs'),
                                  latency_b1_ms=f"{v['latency_ms']['1']:.2f}" if v.get('latency_ms') else '',
                                  latency_b64_ms=f"{v['latency_ms']['64']:.1f}" if v.get('latency_ms') else '') for k, v in c.items()]))
+        if c.get('nonstructured', {}).get('latency_sparse_fc_ms'):
+            l = c['nonstructured']['latency_sparse_fc_ms']
+            md.append(f"Non-structured with its fc run as a torch sparse CSR matrix: {l['1']:.2f} ms at batch 1, {l['64']:.1f} ms at batch 64. "
+                      f"Latency: median of {a.latency_repeats} forward passes on {a.latency_threads} CPU thread(s), fp32.")
+        if c.get('structured', {}).get('acc_shrunk') is not None:
+            v = c['structured']
+            md.append(f"Structured, rebuilt with physically smaller layers (`shrink_blocks`): {100*v['acc_shrunk']:.2f}% test "
+                      f"({v['params_shrunk']} parameters; masked model before shrinking: {100*v['acc']:.2f}%).")
     imgs = plots(runs)
     md += [f"![{i}]({i})" for i in imgs]
     return s, '\n\n'.join(md)
