@@ -71,6 +71,10 @@ a = p.parse_args()
 RATES = [float(r) for r in a.rates.split(',')]
 NAMES = {v: k for k, v in LENET5_LAYERS.items()}
 
+def loss_pts(ref:float, acc:float) -> float:
+    "Accuracy points lost from `ref` to `acc` (fractions), rounded so that a loss of exactly the budget (0.904 vs 0.909: 0.5) is not read as 0.50000000000000004 > 0.5"
+    return round(100 * (ref - acc), 6)
+
 # ------------------------------------------------------------------------------------------------------- data
 def splits(name):
     "(train, valid, test) ImageSets: the validation split is held out of the training images"
@@ -156,7 +160,7 @@ def lenet_quant(ctx):
         m = plain_copy(learn.model); apply_targets(m, ladder_targets(rate, b)); return acc(m, dls.valid)
     for layer in ('fc1', 'conv2', 'fc2', 'conv1'):      # the biggest layer first: it decides the bytes
         for b in (3, 4, 5):
-            if 100 * (base - val_with({**bits, layer: b})) <= a.quant_budget: bits[layer] = b; break
+            if loss_pts(base, val_with({**bits, layer: b})) <= a.quant_budget: bits[layer] = b; break
     learn.model.load_state_dict(sd)
     qt = ladder_targets(rate, bits)
     _swap_cb(learn, HardPruneCallback(qt)); ctx.fit(learn, a.quant_epochs, a.lr / 10, stage=f'quant-{rate:g}')
@@ -200,7 +204,7 @@ def cifar_run(ctx):
         learn.remove_cbs([c for c in learn.cbs if isinstance(c, ADMMCallback)])
         _swap_cb(learn, HardPruneCallback(tg)); ctx.fit(learn, a.cifar_retrain_epochs, a.cifar_lr, stage=f'retrain-{r:g}')
         v = acc(learn.model, dls.valid); rungs.append(dict(rate=r, valid_acc=v))
-        if 100 * (dense_val - v) > a.cifar_budget: break      # later rungs would lose more
+        if loss_pts(dense_val, v) > a.cifar_budget: break      # later rungs would lose more
         chosen, sd = r, copy.deepcopy(learn.model.state_dict())
     if chosen is None: return dict(rungs=rungs, acc=None, note=f'no rung within {a.cifar_budget} points on validation')
     learn.model.load_state_dict(sd)
@@ -242,7 +246,7 @@ runs = bench.run()
 
 def chosen_rate(ladder, dense_val, budget):
     "The highest rung whose validation accuracy is within `budget` points of dense (None if none)"
-    ok = [r for r in ladder if 100 * (dense_val - r['valid_acc']) <= budget]
+    ok = [r for r in ladder if loss_pts(dense_val, r['valid_acc']) <= budget]
     return max(ok, key=lambda r: r['rate']) if ok else None
 
 if {'lenet-dense', 'lenet-admm'} <= set(runs):
@@ -312,7 +316,7 @@ def summarise(runs):
         dv = c['dense']['valid_acc']
         md.append(f"CIFAR-10 ladders (fraction removed: of the inner convs' weights for non-structured, of the blocks' inner channels "
                   f"for structured), validation accuracy after ADMM + masked retraining; dense {100*dv:.2f}%, budget {a.cifar_budget} points:")
-        md.append(md_table([dict(kind=k, removed=r['rate'], valid_acc=f"{100*r['valid_acc']:.2f}", loss_pts=f"{100*(dv-r['valid_acc']):.2f}",
+        md.append(md_table([dict(kind=k, removed=r['rate'], valid_acc=f"{100*r['valid_acc']:.2f}", loss_pts=f"{loss_pts(dv, r['valid_acc']):.2f}",
                                  kept_rung='yes' if r['rate'] == v.get('rate') else '') for k, v in c.items() for r in v.get('rungs', [])]))
         md.append(md_table([dict(model=k, removed=v.get('rate', ''), bits=v.get('bits', ''), acc=f"{100*v['acc']:.2f}" if v.get('acc') is not None else '', kept=v.get('kept'),
                                  bytes=round(v['bytes']) if v.get('bytes') else '', macs=v.get('macs'),
