@@ -66,7 +66,7 @@ p.add_argument('--cifar-s-rates', default='0.125,0.25,0.375,0.5', help='structur
 p.add_argument('--cifar-bits', type=int, default=4)
 p.add_argument('--cifar-budget', type=float, default=0.5, help='accuracy points of loss allowed (validation)')
 p.add_argument('--latency-threads', type=int, default=1)
-p.add_argument('--latency-repeats', type=int, default=30)
+p.add_argument('--latency-repeats', type=int, default=50, help='timed passes per model, batch size and memory format (models timed in turns)')
 a = p.parse_args()
 RATES = [float(r) for r in a.rates.split(',')]
 NAMES = {v: k for k, v in LENET5_LAYERS.items()}
@@ -181,21 +181,27 @@ def cifar_dense(ctx):
     return learn, dls, test
 
 def cifar_targets(model, kind, rate, bits=None):
+    "Both convs of every block are constrained: pruned (non-structured), or the second conv's input channels pruned and, with `bits`, the first conv quantized too (structured, so both kinds quantize the same layers)"
     if kind == 'structured':
-        return {n: Target(rate=rate, kind='channel', bits=bits) for n in weight_layers(model) if n.endswith('convs.1.0')}
+        tg = {n: Target(rate=rate, kind='channel', bits=bits) for n in weight_layers(model) if n.endswith('convs.1.0')}
+        return tg | ({n: Target(bits=bits) for n in weight_layers(model) if n.endswith('convs.0.0')} if bits else {})
     return {n: Target(rate=rate, bits=bits) for n, m in weight_layers(model).items() if isinstance(m, torch.nn.Conv2d) and '.convs.' in n}
 
-def latency(m):
-    return cpu_latency(m, (3, 32, 32), (1, 64), repeats=a.latency_repeats, threads=a.latency_threads)
+FORMATS = dict(contiguous=torch.contiguous_format, channels_last=torch.channels_last)
+def latency(models:dict) -> dict:
+    "{memory format: {name: {batch size: ms}}}: the models timed in turns in one process (so they compare), in both formats"
+    return {f: cpu_latency(models, (3, 32, 32), (1, 64), repeats=a.latency_repeats, threads=a.latency_threads, memory_format=mf)
+            for f, mf in FORMATS.items()}
 
 def cifar_run(ctx):
     kind = ctx.config['kind']
     learn, dls, test = cifar_dense(ctx)
     dense_val = acc(learn.model, dls.valid)
     if kind == 'dense':
-        rep = compression_report(learn.model, (3, 32, 32)).iloc[-1]
+        rep, lat = compression_report(learn.model, (3, 32, 32)).iloc[-1], latency({'dense': learn.model})
         return dict(valid_acc=dense_val, acc=acc(learn.model, test), kept=int(rep['kept']), bytes=float(rep['bytes']),
-                    macs=int(rep['macs_dense']), latency_ms=latency(learn.model))
+                    macs=int(rep['macs_dense']), latency=lat, latency_ms=lat['channels_last']['dense'])
+    dense = plain_copy(learn.model)   # timed beside the pruned model at the end
     rates = [float(r) for r in (a.cifar_s_rates if kind == 'structured' else a.cifar_ns_rates).split(',')]
     rungs, chosen = [], None
     for r in rates:
@@ -218,10 +224,11 @@ def cifar_run(ctx):
         srep = compression_report(small, (3, 32, 32)).iloc[-1]
         res.update(acc_shrunk=acc(small, test), kept=int(srep['kept']), bytes=float(srep['bytes']), kept_masked=res['kept'],
                    bytes_masked=res['bytes'], macs=int(srep['macs_dense']), params_shrunk=int(sum(p.numel() for p in small.parameters())),
-                   latency_ms=latency(small))
+                   latency=latency({'dense': dense, 'structured': small}))
     else:
-        res.update(macs=int(rep['macs_sparse']), macs_dense_kernels=int(rep['macs_dense']), latency_ms=latency(learn.model),
-                   latency_sparse_fc_ms=latency(sparse_linear_copy(learn.model)))
+        res.update(macs=int(rep['macs_sparse']), macs_dense_kernels=int(rep['macs_dense']),
+                   latency=latency({'dense': dense, 'nonstructured': learn.model, 'nonstructured_sparse_fc': sparse_linear_copy(learn.model)}))
+    res['latency_ms'] = res['latency']['channels_last'][kind]   # the headline: the format the runner trains in
     return res
 
 # ------------------------------------------------------------------------------------------------------- plan
@@ -271,14 +278,30 @@ def plots(runs):
         axs[0].set_xscale('log'); axs[0].set_xlabel('pruning rate (total / kept)'); axs[0].set_ylabel('test accuracy (%)'); axs[0].legend()
         axs[1].set_xlabel('epoch (all rungs)'); axs[1].set_ylabel('validation accuracy (%)'); axs[1].set_title('per-epoch curves'); axs[1].legend()
         plt.tight_layout(); out.append(save_figure(fig, RESULTS/f'{a.out}_ladder.png').name)
-    lat = {k: runs[f'cifar-{k}']['result'].get('latency_ms') for k in ('dense', 'structured', 'nonstructured') if f'cifar-{k}' in runs}
-    lat = {k: v for k, v in lat.items() if v}
-    if lat:
-        fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
+    rows = latency_rows(runs)
+    if rows:
+        fig, axs = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
         for ax, bs in zip(axs, ('1', '64')):
-            ax.bar(list(lat), [v[bs] if bs in v else v[int(bs)] for v in lat.values()]); ax.set_ylabel('ms'); ax.set_title(f'CPU latency, batch {bs}')
+            names = list(dict.fromkeys(r['model'] for r in rows))
+            for j, f in enumerate(FORMATS):
+                v = {r['model']: r[f'speedup_b{bs}'] for r in rows if r['format'] == f}
+                ax.bar([i + (j - .5) * .38 for i in range(len(names))], [v.get(n, float('nan')) for n in names], .38, label=f)
+            ax.set_xticks(range(len(names)), [n.replace('_', '\n') for n in names], fontsize=8)
+            ax.axhline(1, color='k', lw=.7); ax.set_title(f'speed-up over dense timed beside it, batch {bs}')
+        axs[0].set_ylabel('dense ms / model ms'); axs[0].legend(fontsize=8)
         plt.tight_layout(); out.append(save_figure(fig, RESULTS/f'{a.out}_latency.png').name)
     return out
+
+def latency_rows(runs:dict) -> list:
+    "One row per pruned model and memory format: its latency and the dense model's, timed in turns in the same run"
+    rows = []
+    for kind in ('nonstructured', 'structured'):
+        lat = runs.get(f'cifar-{kind}', {}).get('result', {}).get('latency')
+        for f, ms in (lat or {}).items():
+            d = ms['dense']
+            rows += [dict(model=n, format=f, b1_ms=round(t['1'], 2), b64_ms=round(t['64'], 1), dense_b1_ms=round(d['1'], 2), dense_b64_ms=round(d['64'], 1),
+                          speedup_b1=round(d['1'] / t['1'], 2), speedup_b64=round(d['64'] / t['64'], 2)) for n, t in ms.items() if n != 'dense']
+    return rows
 
 def full_command(runs:dict) -> str:
     "The commands that made the runs used, in order (the two parts are run by separate invocations), joined by &&"
@@ -313,19 +336,21 @@ def summarise(runs):
     if 'dense' in c:
         keys = ('acc', 'kept', 'bytes', 'macs', 'latency_ms', 'rate', 'bits')
         s['cifar10'] = dict(dense_acc=c['dense']['acc'], dense_valid_acc=c['dense']['valid_acc'], **{k: {kk: v.get(kk) for kk in keys} for k, v in c.items()})
+        for k, v in c.items():   # the dense model timed beside each pruned one (channels_last, as `latency_ms`)
+            if k != 'dense' and v.get('latency'): s['cifar10'][k]['dense_latency_ms'] = v['latency']['channels_last']['dense']
         dv = c['dense']['valid_acc']
         md.append(f"CIFAR-10 ladders (fraction removed: of the inner convs' weights for non-structured, of the blocks' inner channels "
                   f"for structured), validation accuracy after ADMM + masked retraining; dense {100*dv:.2f}%, budget {a.cifar_budget} points:")
         md.append(md_table([dict(kind=k, removed=r['rate'], valid_acc=f"{100*r['valid_acc']:.2f}", loss_pts=f"{loss_pts(dv, r['valid_acc']):.2f}",
                                  kept_rung='yes' if r['rate'] == v.get('rate') else '') for k, v in c.items() for r in v.get('rungs', [])]))
-        md.append(md_table([dict(model=k, removed=v.get('rate', ''), bits=v.get('bits', ''), acc=f"{100*v['acc']:.2f}" if v.get('acc') is not None else '', kept=v.get('kept'),
-                                 bytes=round(v['bytes']) if v.get('bytes') else '', macs=v.get('macs'),
-                                 latency_b1_ms=f"{v['latency_ms']['1']:.2f}" if v.get('latency_ms') else '',
-                                 latency_b64_ms=f"{v['latency_ms']['64']:.1f}" if v.get('latency_ms') else '') for k, v in c.items()]))
-        if c.get('nonstructured', {}).get('latency_sparse_fc_ms'):
-            l = c['nonstructured']['latency_sparse_fc_ms']
-            md.append(f"Non-structured with its fc run as a torch sparse CSR matrix: {l['1']:.2f} ms at batch 1, {l['64']:.1f} ms at batch 64. "
-                      f"Latency: median of {a.latency_repeats} forward passes on {a.latency_threads} CPU thread(s), fp32.")
+        md.append(md_table([dict(model=k, removed=v.get('rate', ''), bits=v.get('bits', ''), acc=f"{100*v['acc']:.2f}" if v.get('acc') is not None else '',
+                                 kept=v.get('kept'), bytes=round(v['bytes']) if v.get('bytes') else '', macs=v.get('macs')) for k, v in c.items()]))
+        md.append(f"CPU inference latency, fp32, {a.latency_threads} thread(s): each pruned model is timed in turns with the dense model in "
+                  f"the same process (median of {a.latency_repeats} passes each), in both memory formats; the speed-up is the dense "
+                  "model's time over the pruned model's. The non-structured model runs dense kernels on its zeros; `_sparse_fc` also runs "
+                  "its fc layer as a torch sparse CSR product (PyTorch has no sparse convolution on the CPU). The structured model is "
+                  "rebuilt with physically smaller layers (`shrink_blocks`).")
+        md.append(md_table(latency_rows(runs)))
         if c.get('structured', {}).get('acc_shrunk') is not None:
             v = c['structured']
             md.append(f"Structured, rebuilt with physically smaller layers (`shrink_blocks`): {100*v['acc_shrunk']:.2f}% test "

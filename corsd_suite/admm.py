@@ -1004,6 +1004,12 @@ class SparseLinear(nn.Module):
         y = torch.sparse.mm(self.weight, x.reshape(-1, x.shape[-1]).t()).t()
         y = y if self.bias is None else y + self.bias
         return y.reshape(*x.shape[:-1], -1)
+    def __deepcopy__(self, memo):
+        "A sparse CSR tensor has no storage for `copy.deepcopy`; `clone` copies it"
+        new = copy.copy(self)
+        new.__dict__ = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != 'weight'}
+        new.weight = self.weight.clone()
+        return new
 
 def sparse_linear_copy(model:nn.Module # a (non-structured) pruned model
                       ) -> nn.Module:
@@ -1014,32 +1020,46 @@ def sparse_linear_copy(model:nn.Module # a (non-structured) pruned model
         setattr(m.get_submodule(parent) if parent else m, attr, SparseLinear(lin))
     return m
 
-def cpu_latency(model:nn.Module, # the model to time (a plain CPU copy is timed when it is elsewhere or carries method state)
-                input_shape=(1, 28, 28), # one input's shape
-                batch_sizes=(1, 64), # batch sizes to time
-                repeats:int=20, # timed forward passes per batch size (the median is reported)
-                warmup:int=3, # untimed passes first
-                threads:int=1 # torch CPU threads during the measurement (restored after)
-               ) -> dict:
-    "Median CPU inference latency in milliseconds per batch, `{batch size: ms}`"
-    if repeats < 1 or warmup < 0 or threads < 1: raise ValueError(f"need repeats >= 1, warmup >= 0, threads >= 1; got {repeats}, {warmup}, {threads}")
+def _timed_copy(model:nn.Module, copy_always:bool) -> nn.Module:
+    "`model` itself, or a plain CPU copy when it is elsewhere, carries method state, or is about to change format"
     m = unwrap(model)
     on_cpu = all(t.device.type == 'cpu' for t in itertools.chain(m.parameters(), m.buffers()))
-    if not on_cpu or any(isinstance(o, _State) for o in m.modules()): m = plain_copy(m).cpu()   # the original stays put
-    was, old, res = m.training, torch.get_num_threads(), {}
-    m.eval()
+    return plain_copy(m).cpu() if copy_always or not on_cpu or any(isinstance(o, _State) for o in m.modules()) else m
+
+def cpu_latency(model:nn.Module|dict, # the model to time, or `{name: model}` timed in turns (the originals stay put)
+                input_shape=(1, 28, 28), # one input's shape
+                batch_sizes=(1, 64), # batch sizes to time
+                repeats:int=20, # timed forward passes per batch size and model (the median is reported)
+                warmup:int=3, # untimed passes first
+                threads:int=1, # torch CPU threads during the measurement (restored after)
+                memory_format:torch.memory_format|None=None # time copies in this format (weights and input, images only); None: as they are
+               ) -> dict:
+    "Median CPU inference latency in milliseconds per batch, `{batch size: ms}`, or `{name: {batch size: ms}}` for a dict"
+    if repeats < 1 or warmup < 0 or threads < 1: raise ValueError(f"need repeats >= 1, warmup >= 0, threads >= 1; got {repeats}, {warmup}, {threads}")
+    if memory_format is not None and len(input_shape) != 3: raise ValueError(f"a memory_format needs an image input shape (C, H, W), got {tuple(input_shape)}")
+    one, fmt = not isinstance(model, dict), memory_format or torch.contiguous_format
+    ms = {k: _timed_copy(m, memory_format is not None) for k, m in ({None: model} if one else model).items()}
+    was, old, res = {k: m.training for k, m in ms.items()}, torch.get_num_threads(), {k: {} for k in ms}
     torch.set_num_threads(threads)
     try:
+        for m in ms.values():
+            m.eval()
+            if memory_format is not None: m.to(memory_format=memory_format)
         with torch.inference_mode():
             for bs in batch_sizes:
-                x = torch.randn(bs, *input_shape)
-                for _ in range(warmup): m(x)
-                ts = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter(); m(x); ts.append(time.perf_counter() - t0)
-                res[bs] = 1000 * float(np.median(ts))
-    finally: torch.set_num_threads(old); m.train(was)
-    return res
+                x = torch.randn(bs, *input_shape).contiguous(memory_format=fmt)
+                for m in ms.values():
+                    for _ in range(warmup): m(x)
+                ts = {k: [] for k in ms}
+                for _ in range(repeats):     # in turns: a slower spell of the machine falls on every model alike
+                    for k, m in ms.items():
+                        t0 = time.perf_counter(); m(x); ts[k].append(time.perf_counter() - t0)
+                for k in ms: res[k][bs] = 1000 * float(np.median(ts[k]))
+    finally:
+        torch.set_num_threads(old)
+        for k, m in ms.items(): m.train(was[k])
+    return res[None] if one else res
+
 
 # %% ../nbs/40_admm.ipynb #4712ceea
 @demo_row('ADMM', order=40)
