@@ -14,11 +14,13 @@ the model; the ADMM papers prune it least), and conv2, fc1 and fc2 keep the refe
 The paper's own per-layer rates behind 348x were not found (research/admm.md).
 
 CIFAR-10 part (`--part cifar`): a zoo CIFAR ResNet (`--cifar-arch`) trained on CIFAR-10 less a validation split;
-non-structured ADMM (every conv but the stem) and structured ADMM (input channels of the second conv of every
-residual block, so `shrink_blocks` builds physically smaller blocks with the same logits) on progressive ladders;
-for each kind the highest rung within `--cifar-budget` points of dense on validation is quantized (`--cifar-bits`)
-and reported: test accuracy, weights kept, bytes (with index overhead), MACs, CPU latency at batch 1 and 64 of the
-dense, structured (shrunk) and non-structured (dense kernels with zeros; torch sparse fc) models.
+non-structured ADMM (both convs of every residual block) and structured ADMM (input channels of the second conv of
+every residual block, so `shrink_blocks` builds physically smaller blocks with the same logits) on progressive
+ladders; for each kind the highest rung within `--cifar-budget` points of dense on validation is quantized
+(`--cifar-bits`, both convs of every block in both kinds) and reported: test accuracy, weights kept, bytes (with
+index overhead), MACs, and CPU latency at batch 1 and 64 of the structured (shrunk) and non-structured (dense kernels
+with zeros; torch sparse fc) models, each timed in turns with the dense model in its own run, contiguous and
+channels_last (the machine's speed drifts between minutes, so only models timed together compare).
 
 Run from the repo root: CORSD_DATA=/work/shared/data python benchmarks/admm.py --part all
 Smoke test (a couple of minutes): --out admm_smoke --n-train 2000 --n-valid 500 --dense-epochs 1 --admm-epochs 1
