@@ -1,5 +1,5 @@
 "Shared test helpers: run a Learner under 2-process DDP on CPU (gloo), and round-trip learn.save/learn.load and checkpoints."
-import os, socket, tempfile, traceback
+import gc, os, socket, sys, tempfile, traceback
 from pathlib import Path
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 import fastai.distributed  # Learner.to_distributed
@@ -11,16 +11,25 @@ def _free_port() -> int:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 def _worker(rank, world, port, fn, args, out_dir):
+    """One rank: run `fn`, save its result, tear the process group down, then leave with `os._exit`. A spawned child
+    otherwise ends in interpreter finalisation, where gloo's C++ threads can be destroyed out of order and abort the
+    process ("terminate called without an active exception", seen once in CI after a rank had finished its work);
+    a forked child leaves with `os._exit` anyway. Objects are collected while the process group is still alive."""
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS='1')
     torch.set_num_threads(1)
     dist.init_process_group('gloo', rank=rank, world_size=world)
     try: res, err = fn(rank, *args), None
     except Exception: res, err = None, traceback.format_exc()
-    finally:
-        dist.barrier() if err is None else None
-        dist.destroy_process_group()
+    gc.collect()                              # the DDP wrapper and its reducer go while the process group lives
     torch.save(dict(res=res, err=err), Path(out_dir)/f'rank{rank}.pt')
+    code = 0
+    try:
+        if err is None: dist.barrier()
+        dist.destroy_process_group()
+    except Exception: traceback.print_exc(); code = 1
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
 
 def run_ddp(fn, *args, world:int=2, timeout:float=300):
     """Run `fn(rank, *args)` in `world` processes joined in a gloo process group on CPU; returns each rank's result.
@@ -28,10 +37,14 @@ def run_ddp(fn, *args, world:int=2, timeout:float=300):
     `learn.to_distributed(sync_bn=False, cpu=True)` (see `ddp_learner_fit`)."""
     with tempfile.TemporaryDirectory() as d:
         ctx = mp.start_processes(_worker, args=(world, _free_port(), fn, args, d), nprocs=world, join=False, start_method='spawn')
-        while not ctx.join(timeout): pass
-        outs = [torch.load(Path(d)/f'rank{r}.pt', weights_only=False) for r in range(world)]
+        try:
+            while not ctx.join(timeout): pass
+            exited = None
+        except mp.ProcessExitedException as e: exited = e   # a rank died: say why, with any rank's own traceback
+        files = [Path(d)/f'rank{r}.pt' for r in range(world)]
+        outs = [torch.load(f, weights_only=False) if f.exists() else dict(res=None, err=None) for f in files]
     errs = [o['err'] for o in outs if o['err']]
-    if errs: raise RuntimeError('a DDP worker failed:\n' + errs[0])
+    if errs or exited: raise RuntimeError(f"a DDP worker failed ({exited or 'it raised'}):\n" + (errs[0] if errs else ''))
     return [o['res'] for o in outs]
 
 def ddp_fit(learn, epochs:int=1, lr:float=1e-3):
