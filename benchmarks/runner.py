@@ -8,6 +8,7 @@ optimiser, epochs done, RNG and DataLoader shuffle state, via `corsd_suite.core.
 folder outside the work tree (`--cache`, `$CORSD_CACHE`, else `~/.cache/corsd_suite/bench`). Invoking the
 benchmark again skips finished runs and resumes unfinished ones from their last checkpoint; a resumed run ends
 with the same weights as an uninterrupted one. A lock file in the cache folder lets one benchmark run at a time.
+On CPU, subnormal floats are flushed to zero while runs train (`--keep-denormals` keeps them; see `Benchmark._denormals`).
 
 Example (a script in benchmarks/):
 
@@ -41,7 +42,7 @@ stage in a folder shared by several runs (e.g. one base model per seed reused by
 build)` keeps any tensor/dict artefact the same way.
 """
 from __future__ import annotations
-import argparse, hashlib, json, os, re, shutil, subprocess, sys, time, fnmatch
+import argparse, contextlib, hashlib, json, os, re, shutil, subprocess, sys, time, fnmatch
 from pathlib import Path
 import numpy as np, torch
 
@@ -68,6 +69,7 @@ def add_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--only', default=None, help='comma-separated run ids or glob patterns: run only these')
     g.add_argument('--fresh', action='store_true', help='discard the checkpoints of the selected runs and run them again (their results are replaced)')
     g.add_argument('--list', action='store_true', help='print the runs and their status, run nothing')
+    g.add_argument('--keep-denormals', action='store_true', help='on CPU, compute on subnormal floats (slow) instead of flushing them to zero')
     g = p.add_argument_group('training format (part of every run\'s settings: runs made otherwise are not mixed in)')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=True,
                    help="train in channels_last memory format (fastai's ChannelsLast; 1.6x faster for ResNet-20 on CPU, see throughput.md)")
@@ -335,9 +337,21 @@ class Benchmark:
             print(md_table([dict(run=r, status=s) for r,s in st.items()])); return self.finished()
         todo = [r for r in self._selected() if st[r] != 'done' or getattr(self.args, 'fresh', False)]
         if todo:
-            with MachineLock(self.cache_root, self.name, wait=getattr(self.args, 'wait', False)):
+            with MachineLock(self.cache_root, self.name, wait=getattr(self.args, 'wait', False)), self._denormals():
                 for rid in todo: self._run_one(rid)
         return self.finished()
+
+    @contextlib.contextmanager
+    def _denormals(self):
+        """On CPU, flush subnormal floats to zero while the runs train (unless --keep-denormals), then restore torch's
+        default. x86 CPUs compute on subnormals (|x| < 1.2e-38) up to ~100× slower: a calibrator run's discriminator
+        weights and Adam moments drifted there and its epochs slowed from 150 s to 370 s within 8 epochs. Values that
+        small change no result measurably; each segment of a run records whether they were flushed."""
+        self.flush_denormal = (self.device.type == 'cpu' and not getattr(self.args, 'keep_denormals', False)
+                               and torch.set_flush_denormal(True))
+        try: yield
+        finally:
+            if self.flush_denormal: torch.set_flush_denormal(False)
 
     def _run_one(self, rid:str):
         plan, d = self.plan[rid], self.cache_dir/rid
@@ -348,7 +362,8 @@ class Benchmark:
             print(f"[{rid}] checkpoints in {d} were made with other settings: discarded", flush=True)
             shutil.rmtree(d); progress = {}
         progress.setdefault('settings_hash', plan['hash']); progress.setdefault('segments', [])
-        seg = dict(started=time.strftime('%Y-%m-%d %H:%M:%S'), load_start=load_avg(), **self.git)
+        seg = dict(started=time.strftime('%Y-%m-%d %H:%M:%S'), load_start=load_avg(), **self.git,
+                   flush_denormal=bool(getattr(self, 'flush_denormal', False)))
         progress['segments'].append(seg)
         atomic_write(prog_file, json.dumps(progress, indent=1))
         ctx = RunContext(self, rid, plan['settings'], progress)

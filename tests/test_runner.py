@@ -279,3 +279,16 @@ def test_throughput_pieces():
     assert abs(r['overhead'] - (r['bare_img_s'] / r['learner_img_s'] - 1)) < 1e-9
     assert abs(r['utilisation'] - 6 * r['macs'] * r['bare_img_s'] / (g['gemm_gflops'] * 1e9)) < 1e-9
     with pytest.raises(SystemExit): throughput.get_args(['--models', 'vgg99'])
+
+def _tiny_product(ctx):
+    "What multiplying a subnormal float by one gives inside a run: 0 when subnormals are flushed"
+    return dict(product=float(torch.tensor([1e-39]) * 1.0))
+
+@pytest.mark.parametrize('keep', [False, True])
+def test_denormals_flushed_during_runs_only(tmp_path, keep):
+    "On CPU, runs train with subnormals flushed to zero (they slow CPUs down) unless --keep-denormals; torch's default comes back after"
+    b = bench(tmp_path, keep_denormals=keep); b.add(_tiny_product, 'r'); runs = b.run()
+    r = runs['r']
+    assert (r['result']['product'] == 0.) is (not keep)
+    assert r['segments'][0]['flush_denormal'] is (not keep)
+    assert float(torch.tensor([1e-39]) * 1.0) > 0          # restored after the run
