@@ -8,7 +8,7 @@ optimiser, epochs done, RNG and DataLoader shuffle state, via `corsd_suite.core.
 folder outside the work tree (`--cache`, `$CORSD_CACHE`, else `~/.cache/corsd_suite/bench`). Invoking the
 benchmark again skips finished runs and resumes unfinished ones from their last checkpoint; a resumed run ends
 with the same weights as an uninterrupted one. A lock file in the cache folder lets one benchmark run at a time.
-On CPU, subnormal floats are flushed to zero while runs train (`--keep-denormals` keeps them; see `Benchmark._denormals`).
+On CPU, subnormal floats are flushed to zero (`--keep-denormals` keeps them; see `flush_denormals`).
 
 Example (a script in benchmarks/):
 
@@ -42,7 +42,7 @@ stage in a folder shared by several runs (e.g. one base model per seed reused by
 build)` keeps any tensor/dict artefact the same way.
 """
 from __future__ import annotations
-import argparse, contextlib, hashlib, json, os, re, shutil, subprocess, sys, time, fnmatch
+import argparse, hashlib, json, os, re, shutil, subprocess, sys, time, fnmatch, warnings
 from pathlib import Path
 import numpy as np, torch
 
@@ -80,6 +80,22 @@ def add_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
 def train_format(args) -> dict:
     "The training format the flags ask for (defaults where a flag is absent): hashed into every run's settings"
     return dict(channels_last=bool(getattr(args, 'channels_last', True)), bf16=bool(getattr(args, 'bf16', False)))
+
+def subnormals(n:int) -> torch.Tensor:
+    "`n` float32 subnormals (~1.5e-39), made from their bits: a float conversion would flush them where flushing is on"
+    return torch.from_numpy(np.full(n, 1 << 20, dtype=np.uint32).view(np.float32))
+
+def flush_denormals() -> bool:
+    """Flush subnormal floats (|x| < 1.2e-38) to zero in this process, on every CPU thread; returns whether they are.
+    x86 CPUs compute on subnormals up to ~100× slower: a calibrator run's discriminator weights and Adam moments drifted
+    there (45k of 500k weights) and its epochs slowed 2.5× within 8 epochs. Values that small change no result
+    measurably. The flag is per thread and threads copy it when they start, so this must run before torch starts its
+    thread pool (the runner does it when a `Benchmark` is made, before any run); it checks every thread and warns if not."""
+    if not torch.set_flush_denormal(True): return False
+    if bool(((subnormals(1 << 20) * 1.0) == 0).all()): return True
+    warnings.warn("subnormal floats are flushed on the main thread only: torch's thread pool started before the runner "
+                  "could set the flag (make the Benchmark before any tensor work)")
+    return False
 
 def runner_args(argv=None, **kw) -> argparse.Namespace:
     "The runner's flags alone (for tests and small scripts), with `kw` overriding"
@@ -295,6 +311,7 @@ class Benchmark:
         self.cache_dir = self.cache_root/name
         self.device = resolve_device(getattr(self.args, 'device', 'cpu'))
         if getattr(self.args, 'threads', None): torch.set_num_threads(self.args.threads)
+        self.flush_denormal = self.device.type == 'cpu' and not getattr(self.args, 'keep_denormals', False) and flush_denormals()
         self.format = train_format(self.args)
         self.git = git_state()   # the code this process loaded (later edits to the work tree do not change it)
         self.plan = {}
@@ -337,21 +354,9 @@ class Benchmark:
             print(md_table([dict(run=r, status=s) for r,s in st.items()])); return self.finished()
         todo = [r for r in self._selected() if st[r] != 'done' or getattr(self.args, 'fresh', False)]
         if todo:
-            with MachineLock(self.cache_root, self.name, wait=getattr(self.args, 'wait', False)), self._denormals():
+            with MachineLock(self.cache_root, self.name, wait=getattr(self.args, 'wait', False)):
                 for rid in todo: self._run_one(rid)
         return self.finished()
-
-    @contextlib.contextmanager
-    def _denormals(self):
-        """On CPU, flush subnormal floats to zero while the runs train (unless --keep-denormals), then restore torch's
-        default. x86 CPUs compute on subnormals (|x| < 1.2e-38) up to ~100× slower: a calibrator run's discriminator
-        weights and Adam moments drifted there and its epochs slowed from 150 s to 370 s within 8 epochs. Values that
-        small change no result measurably; each segment of a run records whether they were flushed."""
-        self.flush_denormal = (self.device.type == 'cpu' and not getattr(self.args, 'keep_denormals', False)
-                               and torch.set_flush_denormal(True))
-        try: yield
-        finally:
-            if self.flush_denormal: torch.set_flush_denormal(False)
 
     def _run_one(self, rid:str):
         plan, d = self.plan[rid], self.cache_dir/rid
@@ -363,7 +368,7 @@ class Benchmark:
             shutil.rmtree(d); progress = {}
         progress.setdefault('settings_hash', plan['hash']); progress.setdefault('segments', [])
         seg = dict(started=time.strftime('%Y-%m-%d %H:%M:%S'), load_start=load_avg(), **self.git,
-                   flush_denormal=bool(getattr(self, 'flush_denormal', False)))
+                   flush_denormal=bool(self.flush_denormal))
         progress['segments'].append(seg)
         atomic_write(prog_file, json.dumps(progress, indent=1))
         ctx = RunContext(self, rid, plan['settings'], progress)

@@ -40,7 +40,8 @@ def train_one(ctx):
     return dict(train_loss=float(learn.recorder.values[-1][0]))
 
 def bench(tmp_path, cache='cache', results='results', **kw):
-    "A benchmark 't' with its cache and results folders under `tmp_path`"
+    "A benchmark 't' with its cache and results folders under `tmp_path` (subnormals kept: flushing is process-wide)"
+    kw.setdefault('keep_denormals', True)
     return runner.Benchmark('t', runner.runner_args(cache=str(tmp_path/cache), device='cpu', **kw), results=tmp_path/results)
 
 def same_state(a, b):
@@ -280,15 +281,26 @@ def test_throughput_pieces():
     assert abs(r['utilisation'] - 6 * r['macs'] * r['bare_img_s'] / (g['gemm_gflops'] * 1e9)) < 1e-9
     with pytest.raises(SystemExit): throughput.get_args(['--models', 'vgg99'])
 
-def _tiny_product(ctx):
-    "What multiplying a subnormal float by one gives inside a run: 0 when subnormals are flushed"
-    return dict(product=float(torch.tensor([1e-39]) * 1.0))
+DENORMAL_RUN = """
+import sys, numpy as np, torch; sys.path.insert(0, {bench!r}); import runner
+def product(ctx):   # a subnormal times one, on every thread: 0 where subnormals are flushed
+    return dict(nonzero=int(((runner.subnormals(1 << 20) * 1.0) != 0).sum()))
+b = runner.Benchmark('t', runner.runner_args({argv}, cache={cache!r}, device='cpu', threads=2), results={results!r})
+b.add(product, 'r'); r = b.run()['r']
+print(r['result']['nonzero'], r['segments'][0]['flush_denormal'])
+"""
 
 @pytest.mark.parametrize('keep', [False, True])
-def test_denormals_flushed_during_runs_only(tmp_path, keep):
-    "On CPU, runs train with subnormals flushed to zero (they slow CPUs down) unless --keep-denormals; torch's default comes back after"
-    b = bench(tmp_path, keep_denormals=keep); b.add(_tiny_product, 'r'); runs = b.run()
-    r = runs['r']
-    assert (r['result']['product'] == 0.) is (not keep)
-    assert r['segments'][0]['flush_denormal'] is (not keep)
-    assert float(torch.tensor([1e-39]) * 1.0) > 0          # restored after the run
+def test_denormals_flushed_on_every_thread(tmp_path, keep):
+    "On CPU a benchmark process flushes subnormal floats to zero on all its threads (they slow CPUs down), unless --keep-denormals"
+    code = DENORMAL_RUN.format(bench=str(BENCH), argv=['--keep-denormals'] if keep else [], cache=str(tmp_path/'c'), results=str(tmp_path/'r'))
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2:] == (['1048576', 'False'] if keep else ['0', 'True'])
+
+def test_flush_denormals_warns_when_threads_started_first():
+    "Threads copy the flag when they start: a pool started before the flag would keep computing on subnormals, and says so"
+    code = ("import sys, warnings, torch; sys.path.insert(0, %r); import runner; torch.set_num_threads(2); torch.ones(1 << 20) * 2.0\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always'); ok = runner.flush_denormals()\n"
+            "print(ok, any('main thread only' in str(x.message) for x in w))") % str(BENCH)
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2:] == ['False', 'True']
