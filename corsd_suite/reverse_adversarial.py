@@ -218,7 +218,7 @@ class StraightThrough(nn.Module):
         dev = x.device
         with torch.no_grad(): out_q = self.q(x.detach().float().cpu()).to(dev)
         out_f = self.f(x)
-        return out_f + (out_q - out_f).detach()
+        return out_q + (out_f - out_f.detach())   # exactly `out_q` forward (f - f is 0); the gradient is the float model's
 
 # %% ../nbs/50_reverse_adversarial.ipynb #80cae8d0
 def reverse_adv_learner(dls, # labelled new-scene `DataLoaders`
