@@ -26,7 +26,7 @@ Run from the repo root: CORSD_DATA=/work/shared/data python benchmarks/admm.py -
 Smoke test (a couple of minutes): --out admm_smoke --n-train 2000 --n-valid 500 --dense-epochs 1 --admm-epochs 1
   --retrain-epochs 1 --zu-every 1 --quant-epochs 1 --part lenet   (then delete results/admm_smoke* and runs/admm_smoke)
 """
-import argparse, copy, sys
+import argparse, copy, shlex, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
@@ -202,7 +202,7 @@ def cifar_run(ctx):
     if kind == 'dense':
         rep, lat = compression_report(learn.model, (3, 32, 32)).iloc[-1], latency({'dense': learn.model})
         return dict(valid_acc=dense_val, acc=acc(learn.model, test), kept=int(rep['kept']), bytes=float(rep['bytes']),
-                    macs=int(rep['macs_dense']), latency=lat, latency_ms=lat['channels_last']['dense'])
+                    macs=int(rep['macs_dense']), latency=lat, latency_ms=lat['channels_last']['dense'], latency_repeats=a.latency_repeats)
     dense = plain_copy(learn.model)   # timed beside the pruned model at the end
     rates = [float(r) for r in (a.cifar_s_rates if kind == 'structured' else a.cifar_ns_rates).split(',')]
     rungs, chosen = [], None
@@ -230,7 +230,7 @@ def cifar_run(ctx):
     else:
         res.update(macs=int(rep['macs_sparse']), macs_dense_kernels=int(rep['macs_dense']),
                    latency=latency({'dense': dense, 'nonstructured': learn.model, 'nonstructured_sparse_fc': sparse_linear_copy(learn.model)}))
-    res['latency_ms'] = res['latency']['channels_last'][kind]   # the headline: the format the runner trains in
+    res.update(latency_ms=res['latency']['channels_last'][kind], latency_repeats=a.latency_repeats)   # headline: the format the runner trains in
     return res
 
 # ------------------------------------------------------------------------------------------------------- plan
@@ -294,6 +294,11 @@ def plots(runs):
         plt.tight_layout(); out.append(save_figure(fig, RESULTS/f'{a.out}_latency.png').name)
     return out
 
+def timed_repeats(run:dict) -> int:
+    "The `--latency-repeats` a finished run was timed with (runs made before it was recorded: read from their command)"
+    r = run['result'].get('latency_repeats')
+    return r if r is not None else p.parse_known_args(shlex.split(run['command'].split('admm.py', 1)[1]))[0].latency_repeats
+
 def latency_rows(runs:dict) -> list:
     "One row per pruned model and memory format: its latency and the dense model's, timed in turns in the same run"
     rows = []
@@ -347,8 +352,9 @@ def summarise(runs):
                                  kept_rung='yes' if r['rate'] == v.get('rate') else '') for k, v in c.items() for r in v.get('rungs', [])]))
         md.append(md_table([dict(model=k, removed=v.get('rate', ''), bits=v.get('bits', ''), acc=f"{100*v['acc']:.2f}" if v.get('acc') is not None else '',
                                  kept=v.get('kept'), bytes=round(v['bytes']) if v.get('bytes') else '', macs=v.get('macs')) for k, v in c.items()]))
-        md.append(f"CPU inference latency, fp32, {a.latency_threads} thread(s): each pruned model is timed in turns with the dense model in "
-                  f"the same process (median of {a.latency_repeats} passes each), in both memory formats; the speed-up is the dense "
+        made = lambda get: '/'.join(sorted({str(get(r)) for k, r in runs.items() if k.startswith('cifar-')}))   # as the runs were timed
+        md.append(f"CPU inference latency, fp32, {made(lambda r: r['settings']['threads'])} thread(s): each pruned model is timed in turns with the dense model in "
+                  f"the same process (median of {made(timed_repeats)} passes each), in both memory formats; the speed-up is the dense "
                   "model's time over the pruned model's. The non-structured model runs dense kernels on its zeros; `_sparse_fc` also runs "
                   "its fc layer as a torch sparse CSR product (PyTorch has no sparse convolution on the CPU). The structured model is "
                   "rebuilt with physically smaller layers (`shrink_blocks`).")
