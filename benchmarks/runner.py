@@ -431,14 +431,21 @@ class Benchmark:
 
 # ------------------------------------------------------------------------------------------------------ reporting
 def runs_table(runs:dict) -> str:
-    "A markdown table of runs: id, commit, device, threads, load, s/epoch (only comparable between runs made alone)"
+    "A markdown table of runs: id, commit, device, threads, format, subnormals, load, s/epoch (comparable between runs made alone)"
     if not runs: return '_none_'
     rows = [{'run': rid, 'commit': (r['git']['commit'] or '?')[:10] + ('+dirty' if r['git']['dirty'] else ''),
              'device': r['device'], 'threads': r['threads'], 'format': fmt_str(r.get('train_format')), 'load start/end': f"{r['load_start']}/{r['load_end']}",
-             'alone': 'no (overloaded)' if r['overloaded'] else 'yes', 'resumed': r['resumed'],
+             'subnormals': subnormal_mode(r), 'alone': 'no (overloaded)' if r['overloaded'] else 'yes', 'resumed': r['resumed'],
              's/epoch': '' if r['sec_per_epoch'] is None else f"{r['sec_per_epoch']:.2f}" + ('' if not r['overloaded'] else ' (not comparable)'),
              'wall s': f"{r['wall_seconds']:.0f}"} for rid, r in runs.items()]
     return md_table(rows)
+
+def subnormal_mode(run:dict) -> str:
+    "How a CPU run's segments treated subnormal floats: 'flushed', 'kept', 'mixed' or '?' (made before it was recorded)"
+    if not str(run.get('device', 'cpu')).startswith('cpu'): return 'n/a'
+    modes = {s.get('flush_denormal') for s in run.get('segments') or [{}]}
+    if None in modes: return '?'
+    return 'mixed' if len(modes) > 1 else 'flushed' if modes.pop() else 'kept'
 
 def fmt_str(fmt:dict|None) -> str:
     "A training format in a few characters: 'channels_last', 'channels_last+bf16', 'contiguous', '?' (not recorded)"
@@ -454,6 +461,11 @@ def runs_section(runs:dict, missing:list, stale:dict, other:list) -> str:
         out.append("**Runs made with different code**: " + '; '.join(f"`{c}`: {', '.join(v)}" for c,v in commits.items()))
     if any(r['overloaded'] for r in runs.values()):
         out.append("Runs marked overloaded had a load average above their threads + 0.5: their seconds per epoch are not compared.")
+    modes = {subnormal_mode(r) for r in runs.values()} - {'n/a'}
+    if len(modes) > 1:
+        out.append("**Subnormal floats**: runs marked `kept` or `?` computed on them, `flushed` ones set them to zero (x86 CPUs "
+                   "compute on subnormals many times slower; flushing changes only values below ~1.2e-38, float32's smallest normal "
+                   "number, though a training run can then take a slightly different path).")
     out.append("**Missing runs** (not run yet): " + (', '.join(missing) if missing else 'none'))
     if stale: out.append("**Not used** (made with other settings than the current ones; rerun to replace): " +
                          ', '.join(f"{r} (settings {v['settings_hash']}, commit {(v['git']['commit'] or '?')[:10]})" for r,v in stale.items()))

@@ -98,6 +98,7 @@ def test_train_format(tmp_path):
     assert r['result'] == dict(channels_last=False, conv_out='torch.bfloat16', loss='torch.float32')   # bf16 inside, fp32 loss
     assert r['train_format'] == dict(channels_last=False, bf16=True)
     assert 'contiguous+bf16' in runner.runs_table({'f': r})
+    assert r['segments'][-1]['flush_denormal'] is False and runner.subnormal_mode(r) == 'kept'   # the fixture keeps them
     a = runner.add_args(__import__('argparse').ArgumentParser()).parse_args(['--no-channels_last', '--bf16'])
     assert runner.train_format(a) == dict(channels_last=False, bf16=True)
     b = bench(tmp_path, 'cache2', 'results2'); b.add(fmt_probe, 'f', seed=0); b.add(fmt_probe, 'g', seed=0, train_format=dict(bf16=True))
@@ -196,6 +197,18 @@ def test_report_missing_stale_and_commits(tmp_path):
     b.run()                                                          # the stale and missing runs are (re)made
     assert b.status()['runs'] == dict(a='done', b='done', c='done')
     assert 'different code' in runner.runs_section(b.finished(), [], {}, [])   # two commits among the runs used
+
+def test_subnormal_mode():
+    "The run table says how each CPU run treated subnormals, over all its segments"
+    run = lambda *f, device='cpu': dict(device=device, segments=[dict() if v is None else dict(flush_denormal=v) for v in f])
+    assert [runner.subnormal_mode(run(*f)) for f in [(True,), (False, False), (True, False), (None,), (None, True)]] == \
+           ['flushed', 'kept', 'mixed', '?', '?']
+    assert runner.subnormal_mode(run(False, device='cuda:0')) == 'n/a'
+    full = lambda *f: dict(run(*f), git=dict(commit='abc', dirty=False), threads=2, load_start=1., load_end=1., overloaded=False,
+                           resumed=len(f) - 1, sec_per_epoch=1., wall_seconds=3.)
+    assert '| flushed |' in runner.runs_table(dict(a=full(True)))
+    assert 'Subnormal floats' in runner.runs_section(dict(a=full(True), b=full(None)), [], {}, [])   # a page mixing the two says so
+    assert 'Subnormal floats' not in runner.runs_section(dict(a=full(True), b=full(True)), [], {}, [])
 
 def test_overloaded_flag():
     seg = lambda s, e: dict(segments=[dict(load_start=s, load_end=e)], threads=2)
