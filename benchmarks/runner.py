@@ -441,7 +441,7 @@ def runs_table(runs:dict) -> str:
     return md_table(rows)
 
 def subnormal_mode(run:dict) -> str:
-    "How a CPU run's segments treated subnormal floats: 'flushed', 'kept', 'mixed' or '?' (made before it was recorded)"
+    "How a run's segments treated subnormal floats: 'flushed', 'kept', 'mixed', '?' (made before it was recorded), 'n/a' off the CPU"
     if not str(run.get('device', 'cpu')).startswith('cpu'): return 'n/a'
     modes = {s.get('flush_denormal') for s in run.get('segments') or [{}]}
     if None in modes: return '?'
@@ -463,7 +463,7 @@ def runs_section(runs:dict, missing:list, stale:dict, other:list) -> str:
         out.append("Runs marked overloaded had a load average above their threads + 0.5: their seconds per epoch are not compared.")
     modes = {subnormal_mode(r) for r in runs.values()} - {'n/a'}
     if len(modes) > 1:
-        out.append("**Subnormal floats**: runs marked `kept` or `?` computed on them, `flushed` ones set them to zero (x86 CPUs "
+        out.append("**Subnormal floats**: runs marked `kept` or `?` computed on them, `mixed` ones in some segments, `flushed` ones set them to zero (x86 CPUs "
                    "compute on subnormals many times slower; flushing changes only values below ~1.2e-38, float32's smallest normal "
                    "number, though a training run can then take a slightly different path).")
     out.append("**Missing runs** (not run yet): " + (', '.join(missing) if missing else 'none'))
