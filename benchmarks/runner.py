@@ -9,6 +9,7 @@ folder outside the work tree (`--cache`, `$CORSD_CACHE`, else `~/.cache/corsd_su
 benchmark again skips finished runs and resumes unfinished ones from their last checkpoint; a resumed run ends
 with the same weights as an uninterrupted one. A lock file in the cache folder lets one benchmark run at a time.
 On CPU, subnormal floats are flushed to zero (`--keep-denormals` keeps them; see `flush_denormals`).
+Runs train in channels_last, contiguous where the model has a convolution in `channels_last_hazards`.
 
 Example (a script in benchmarks/):
 
@@ -178,11 +179,22 @@ def close_autocast(learn):
     for cb in learn.cbs:
         if isinstance(cb, Autocast): cb.after_loss()
 
-def set_train_format(learn, fmt:dict):
-    "Add the callbacks that train `learn` in format `fmt` (see `train_format`), once"
+def channels_last_hazards(model:torch.nn.Module) -> list:
+    """Names of `model`'s convolutions whose channels_last weight gradient corrupts the heap on the CPU (torch 2.14.1's
+    oneDNN, seen on AVX2 machines: 'double free or corruption', segmentation faults): 1×1, strided, at most 8 input
+    channels per group (e.g. the first shortcut of a quarter-width ResNet-8)"""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
+            and max(m.stride) > 1 and m.in_channels // m.groups <= 8]
+
+def set_train_format(learn, fmt:dict) -> dict:
+    """Add the callbacks that train `learn` in format `fmt` (see `train_format`), once; return the format used: contiguous
+    instead of channels_last when the model has a convolution in `channels_last_hazards` (on every device, so that a
+    run's format does not depend on the machine)"""
+    fmt = dict(fmt)
+    if fmt.get('channels_last') and channels_last_hazards(learn.model): fmt['channels_last'] = False
     if fmt.get('channels_last') and not hasattr(learn, 'channels_last'): learn.add_cb(ChannelsLast())
     if fmt.get('bf16') and not hasattr(learn, 'autocast'): learn.add_cb(Autocast())
-    return learn
+    return fmt
 
 class EpochCheckpoint(Callback):
     "Save a checkpoint after every epoch from `start` on (epochs done, epoch seconds and recorder rows in `extra`)"
@@ -242,8 +254,12 @@ class RunContext:
         fits = dict(one_cycle=learn.fit_one_cycle, fit=learn.fit, flat_cos=learn.fit_flat_cos)
         if kind not in fits: raise ValueError(f"kind must be one of {list(fits)}, not {kind!r}")
         self._check_learner(learn)
-        fmt = self.bench.plan.get(self.run_id, {}).get('format', self.bench.format)
-        set_train_format(learn, fmt)
+        asked = self.bench.plan.get(self.run_id, {}).get('format', self.bench.format)
+        fmt = set_train_format(learn, asked)
+        if fmt != asked:
+            self.progress.setdefault('contiguous_stages', {})[stage] = channels_last_hazards(learn.model)
+            print(f"[{self.run_id}] stage {stage!r}: trained contiguous, not channels_last: torch's CPU backend corrupts the heap "
+                  f"in the weight gradient of {channels_last_hazards(learn.model)} in channels_last", flush=True)
         if stage in self._stages: raise ValueError(f"run {self.run_id}: stage {stage!r} fitted twice; give each fit its own stage name")
         self._stages.add(stage)
         d = self._stage_dir(stage, shared)
@@ -400,7 +416,8 @@ class Benchmark:
                    cores=os.cpu_count(), load_start=segs[0]['load_start'], load_end=segs[-1]['load_end'],
                    wall_seconds=sum(s.get('seconds', 0.) for s in segs), resumed=len(segs) - 1, segments=segs,
                    epoch_seconds=eps, sec_per_epoch=float(np.mean(all_eps)) if all_eps else None,
-                   train_format=plan['format'], command=command_line(), date=time.strftime('%Y-%m-%d'))
+                   train_format=plan['format'], contiguous_stages=progress.get('contiguous_stages', {}),
+                   command=command_line(), date=time.strftime('%Y-%m-%d'))
         run['overloaded'] = overloaded(run)
         atomic_write(self.runs_dir/f'{rid}.json', json.dumps(run, indent=1, default=float) + '\n')
         print(f"[{rid}] done in {run['wall_seconds']:.1f}s: {result}", flush=True)
@@ -434,7 +451,7 @@ def runs_table(runs:dict) -> str:
     "A markdown table of runs: id, commit, device, threads, format, subnormals, load, s/epoch (comparable between runs made alone)"
     if not runs: return '_none_'
     rows = [{'run': rid, 'commit': (r['git']['commit'] or '?')[:10] + ('+dirty' if r['git']['dirty'] else ''),
-             'device': r['device'], 'threads': r['threads'], 'format': fmt_str(r.get('train_format')), 'load start/end': f"{r['load_start']}/{r['load_end']}",
+             'device': r['device'], 'threads': r['threads'], 'format': fmt_str(r.get('train_format')) + (' → contiguous' if r.get('contiguous_stages') else ''), 'load start/end': f"{r['load_start']}/{r['load_end']}",
              'subnormals': subnormal_mode(r), 'alone': 'no (overloaded)' if r['overloaded'] else 'yes', 'resumed': r['resumed'],
              's/epoch': '' if r['sec_per_epoch'] is None else f"{r['sec_per_epoch']:.2f}" + ('' if not r['overloaded'] else ' (not comparable)'),
              'wall s': f"{r['wall_seconds']:.0f}"} for rid, r in runs.items()]
@@ -466,6 +483,10 @@ def runs_section(runs:dict, missing:list, stale:dict, other:list) -> str:
         out.append("**Subnormal floats**: runs marked `kept` or `?` computed on them, `mixed` ones in some segments, `flushed` ones set them to zero (x86 CPUs "
                    "compute on subnormals many times slower; flushing changes only values below ~1.2e-38, float32's smallest normal "
                    "number, though a training run can then take a slightly different path).")
+    if any(r.get('contiguous_stages') for r in runs.values()):
+        out.append("**channels_last → contiguous**: these runs' models have a 1×1 strided convolution on at most 8 input channels, "
+                   "whose channels_last weight gradient corrupts the heap in torch 2.14.1's CPU backend; the runner trained them "
+                   "contiguous (`runner.channels_last_hazards`).")
     out.append("**Missing runs** (not run yet): " + (', '.join(missing) if missing else 'none'))
     if stale: out.append("**Not used** (made with other settings than the current ones; rerun to replace): " +
                          ', '.join(f"{r} (settings {v['settings_hash']}, commit {(v['git']['commit'] or '?')[:10]})" for r,v in stale.items()))

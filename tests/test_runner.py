@@ -1,5 +1,5 @@
 "The resumable benchmark runner (benchmarks/runner.py): resume bit for bit, skip finished runs, the machine lock, reports"
-import json, os, subprocess, sys, threading, time, textwrap
+import json, os, subprocess, sys, threading, time, textwrap, types
 from pathlib import Path
 import pytest, torch
 
@@ -24,9 +24,9 @@ class CountEpochs(Callback):
     "Count the epochs that really train (epochs skipped by `start_epoch` never reach `before_train`)"
     def before_train(self): CALLS.append(self.epoch)
 
-def learner(ctx, stage, arch='resnet8'):
+def learner(ctx, stage, arch='resnet8', width=0.25):
     dls = digits_dls(16, bs=64, device=ctx.device, augment=CropFlip(2, True))   # augmentation draws from torch's RNG
-    kw = dict(width=0.25) if arch == 'resnet8' else {}
+    kw = dict(width=width) if arch == 'resnet8' else {}
     from corsd_suite.models import get_model
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
@@ -74,8 +74,8 @@ def test_resume_is_bit_identical(tmp_path):
     assert {'load_start', 'load_end', 'torch', 'wall_seconds', 'sec_per_epoch'} <= set(on_disk)
 
 def fmt_probe(ctx):
-    "Fit one epoch; report the first conv weight's memory format, its output dtype in training and the loss dtype"
-    learn = learner(ctx, 'train', 'resnet8')
+    "Fit one epoch; report the last 3×3 conv weight's memory format, its output dtype in training and the loss dtype"
+    learn = learner(ctx, 'train', 'resnet8', ctx.config.get('width', 1.))
     seen = {}
     conv = [m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)][-1]   # else both formats at once
     conv.register_forward_hook(lambda m, i, o: seen.update(conv_out=str(o.dtype)) if m.training else None)
@@ -106,6 +106,16 @@ def test_train_format(tmp_path):
     assert b.status()['runs'] == dict(f='done', g='done')
     assert r['f']['train_format'] == dict(channels_last=True, bf16=False) and r['g']['train_format'] == dict(channels_last=True, bf16=True)
     assert r['g']['result']['conv_out'] == 'torch.bfloat16'
+
+def test_channels_last_hazards(tmp_path):
+    "A model with a 1×1 strided conv on at most 8 input channels trains contiguous (torch's CPU backend corrupts the heap), and says so"
+    C = torch.nn.Conv2d
+    assert runner.channels_last_hazards(torch.nn.Sequential(C(4, 8, 1, stride=2), C(16, 32, 1, stride=2), C(4, 8, 3, stride=2), C(4, 8, 1))) == ['0']
+    b = bench(tmp_path); b.add(fmt_probe, 'q', seed=0, width=0.25); r = b.run()['q']   # quarter width: shortcuts on 4 and 8 channels
+    assert r['result']['channels_last'] is False and r['train_format'] == dict(channels_last=True, bf16=False)   # asked, not used
+    assert r['contiguous_stages'] == {'train': ['stages.1.0.short.0', 'stages.2.0.short.0']}   # 4 and 8 channels in
+    assert 'channels_last → contiguous' in runner.runs_table({'q': r}) and 'corrupts the heap' in runner.runs_section({'q': r}, [], {}, [])
+    assert runner.set_train_format(learner(types.SimpleNamespace(device='cpu'), 'x', 'resnet8', 1.), dict(channels_last=True)) == dict(channels_last=True)
 
 def shared_stage(ctx):
     ctx.fit(learner(ctx, 'base', 'lenet5'), 1, 5e-3, stage='base', shared='base-s0'); return {}
