@@ -8,9 +8,10 @@ checkpointed inside its run: an interrupted DANN run starts again.
 
 Protocol (`domain_pair`): the source's train split, labelled; the target's train split, unlabelled, for adaptation
 (all 7,291 USPS training images for MNIST→USPS); the target's test split for evaluation (2,007 USPS images).
-The authors' settings are the defaults but for the image size: batch 128, ~11.4k iterations (whole epochs of source batches),
-calibrator with 9 residual blocks, ngf 8 and bound 0.4 in [-1, 1] units (0.2 in pixel units) for M→U, ngf 4 and
-0.9 (0.45) for U→M, Adam 1e-4 for calibrator, discriminators and DANN. No setting reads target labels: there is no
+The authors' settings are the defaults but for the image size: batch 128, calibrator with 9 residual blocks, Adam 1e-4
+for calibrator, discriminators and DANN; for M→U ngf 8, bound 0.4 in [-1, 1] units (0.2 in pixel units) and ~11.4k
+iterations (the code's 200 epochs of 57 steps; here whole epochs of MNIST batches, 11,232), for U→M ngf 4, bound 0.9
+(0.45) and 2,850 iterations (the code's 50 epochs of 57 steps: an epoch of its loops is min(source, target) batches). No setting reads target labels: there is no
 model selection at all, every number is the last iteration's (the per-epoch target accuracy is reported only).
 Image size: 16×16 (USPS's own) by default, not the code's 28×28, for cost (`SIZE_NOTE` gives the measurement: the 12
 calibrator runs take ~5.5 h instead of ~13 h on 2 CPU cores); `--size 28` runs the code's size.
@@ -39,7 +40,7 @@ from corsd_suite.calibrator import calibrator_learner, CalibratorCallback
 from corsd_suite.baselines import adabn, dann_adapt
 
 DIRS = {'mnist_to_usps': ('mnist', 'usps'), 'usps_to_mnist': ('usps', 'mnist')}
-CODE = {'mnist_to_usps': dict(ngf=8, bound=0.2), 'usps_to_mnist': dict(ngf=4, bound=0.45)}   # the authors' configs, pixel units
+CODE = {'mnist_to_usps': dict(ngf=8, bound=0.2, iters=11400), 'usps_to_mnist': dict(ngf=4, bound=0.45, iters=2850)}   # the authors' configs, pixel units
 ARMS = {'source_only': 'source only', 'adabn': 'AdaBN', 'cal': 'calibrator, frozen BN',
         'cal_code_bn': "calibrator, the code's BN (statistics move)", 'dann': 'DANN (fine-tunes the classifier)'}
 ACC_KEYS = {'source_only': 'source_only_acc', 'adabn': 'adabn_acc', 'cal': 'calibrated_acc',
@@ -48,6 +49,11 @@ SIZE_NOTE = ("16×16 is USPS's own resolution; the authors' code resizes both do
              "CPU cores, a calibrator iteration (M→U, 9 blocks, batch 128) takes 0.33 s at 28×28 and 0.14 s at 16×16, "
              "so the protocol runs at 16×16 (`--size 28` runs the code's size).")
 OLD = 'calibrator_old_protocol'   # the previous runs' page, kept
+U2M_LONG = ("An earlier USPS→MNIST run took M→U's length by mistake, 11,424 iterations (4× the code's 2,850): frozen-BN "
+            "calibrator, seed 0, 40.55% MNIST test at its last iteration (source only, same classifier: 56.00%; USPS test through "
+            "the calibrator 86.40% vs 96.11%). Its target accuracy after each epoch of 57 iterations went from 68% after the first "
+            "to 38% after the 50th and 41% at the end (the run file is in git at commit a1c7a81). The length is now the code's; "
+            "it was set from the code, not from that curve.")
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0]); runner.add_args(p)
@@ -55,7 +61,8 @@ def parse(argv=None):
     g.add_argument('--seeds', type=int, default=3)
     g.add_argument('--directions', default='mnist_to_usps,usps_to_mnist', help=f'comma-separated, of {list(DIRS)}')
     g.add_argument('--arms', default=','.join(ARMS), help=f'comma-separated, of {list(ARMS)}')
-    g.add_argument('--iters', type=int, default=11400, help='adaptation iterations (rounded to whole epochs of source batches)')
+    g.add_argument('--iters', type=int, default=None, help='adaptation iterations, rounded to whole epochs of source batches '
+                   '(default: the code\'s, 11,400 for M→U, 2,850 for U→M)')
     g.add_argument('--bs', type=int, default=128)
     g.add_argument('--size', type=int, default=16, help='image side (16, USPS\'s own; the authors\' code: 28, 2.4x the cost)')
     g.add_argument('--n_blocks', type=int, default=9, help='residual blocks of the calibrator')
@@ -71,7 +78,7 @@ def parse(argv=None):
     g.add_argument('--plot_only', action='store_true', help='only redraw the figure from results/<out>.json')
     a = p.parse_args(argv)
     for k in ('iters', 'bs', 'size', 'n_blocks', 'patch', 'clf_epochs', 'seeds'):
-        if getattr(a, k) < 1: raise SystemExit(f"--{k} must be at least 1, got {getattr(a, k)}")
+        if getattr(a, k) is not None and getattr(a, k) < 1: raise SystemExit(f"--{k} must be at least 1, got {getattr(a, k)}")
     if not 0 < a.lr < 1: raise SystemExit(f"--lr must be in (0, 1), got {a.lr}")
     for k, allowed in (('directions', DIRS), ('arms', ARMS)):
         bad = [v for v in getattr(a, k).split(',') if v not in allowed]
@@ -125,10 +132,10 @@ def train(ctx):
 
 def plan(bench, a):
     for d in a.directions.split(','):
-        code = dict(CODE[d], **{k: getattr(a, k) for k in ('ngf', 'bound') if getattr(a, k) is not None})
+        code = dict(CODE[d], **{k: getattr(a, k) for k in ('ngf', 'bound', 'iters') if getattr(a, k) is not None})
         for seed in range(a.seeds):
             for arm in a.arms.split(','):
-                bench.add(train, f'{d}-{arm}-s{seed}', direction=d, arm=arm, seed=seed, iters=a.iters, bs=a.bs, size=a.size,
+                bench.add(train, f'{d}-{arm}-s{seed}', direction=d, arm=arm, seed=seed, bs=a.bs, size=a.size,
                           n_blocks=a.n_blocks, patch=a.patch, lr=a.lr, clf_epochs=a.clf_epochs, clf_lr=a.clf_lr,
                           width=a.width, n_per_class=a.n_per_class, **code)
 
@@ -175,7 +182,7 @@ def direction_md(runs:dict, d:str, s:dict) -> str:
             f"Images {st.get('size')}×{st.get('size')} grey in [0, 1]; batch {st.get('bs')}; {s['iterations']} adaptation iterations; "
             f"calibrator ngf {st.get('ngf')}, {st.get('n_blocks')} blocks, one-sided bound {st.get('bound')} in pixel units; Adam {st.get('lr')}.\n"
             f"{SIZE_NOTE if st.get('size') == 16 else ''}\n\n"
-            f"{md_table(rows)}\n\n{targets(s) if d == 'mnist_to_usps' else ''}")
+            f"{md_table(rows)}\n\n{targets(s) if d == 'mnist_to_usps' else U2M_LONG}")
 
 def summarise(runs:dict):
     by_dir = {d: direction_summary(runs, d) for d in DIRS}

@@ -217,7 +217,14 @@ def test_benchmark_summary_keys(tmp_path):
     import json
     m = _bench_module()
     a = m.parse(['--seeds', '2'])
-    assert (a.size, a.bs, a.iters, a.lr, a.n_blocks) == (16, 128, 11400, 1e-4, 9)   # the authors' protocol at USPS's own size
+    assert (a.size, a.bs, a.iters, a.lr, a.n_blocks) == (16, 128, None, 1e-4, 9)   # the authors' protocol at USPS's own size
+    class Plan:                                                    # what `plan` adds to a benchmark
+        def __init__(self): self.runs = {}
+        def add(self, fn, rid, **kw): self.runs[rid] = kw
+    for argv, its in (([], (11400, 2850)), (['--iters', '100'], (100, 100))):   # the code's length per direction, or --iters
+        b = Plan(); m.plan(b, m.parse(argv))
+        assert (b.runs['mnist_to_usps-cal-s0']['iters'], b.runs['usps_to_mnist-cal-s0']['iters']) == its
+        assert (b.runs['mnist_to_usps-cal-s0']['ngf'], b.runs['usps_to_mnist-cal-s0']['bound']) == (8, 0.45)
     assert m.parse(['--size', '28']).size == 28
     with pytest.raises(SystemExit): m.parse(['--arms', 'cal,nope'])
     runs = {}

@@ -34,7 +34,7 @@ def learner(ctx, stage, arch='resnet8', width=0.25):
     return Learner(dls, m, loss_func=CrossEntropyLossFlat(), cbs=[Boom(stage), CountEpochs()])
 
 def train_one(ctx):
-    learn = learner(ctx, 'train', ctx.config['arch'])
+    learn = learner(ctx, 'train', ctx.config['arch'], ctx.config.get('width', 0.25))
     ctx.fit(learn, ctx.config['epochs'], 5e-3)
     FINAL[ctx.run_id] = {k: v.clone() for k,v in learn.model.state_dict().items()}
     return dict(train_loss=float(learn.recorder.values[-1][0]))
@@ -50,9 +50,10 @@ def same_state(a, b):
 
 def test_resume_is_bit_identical(tmp_path):
     "Interrupt a 3-epoch run after epoch 1, run again: it resumes at epoch 2 and ends with the uninterrupted weights"
-    b = bench(tmp_path, 'full', 'results-full'); b.add(train_one, 'r', arch='resnet8', epochs=3, seed=0); b.run()
+    kw = dict(arch='resnet8', width=0.75, epochs=3, seed=0)     # 12+ channels: trains in channels_last, as the benchmarks do
+    b = bench(tmp_path, 'full', 'results-full'); b.add(train_one, 'r', **kw); b.run()
     full = FINAL.pop('r')
-    b = bench(tmp_path, 'cut', 'results-cut'); b.add(train_one, 'r', arch='resnet8', epochs=3, seed=0)
+    b = bench(tmp_path, 'cut', 'results-cut'); b.add(train_one, 'r', **kw)
     INTERRUPT['stage'] = 'train'
     try:
         with pytest.raises(KeyboardInterrupt): b.run()
@@ -60,7 +61,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert (tmp_path/'cut'/'t'/'r'/'train'/'epoch.pth').exists() and 'r' not in FINAL
     torch.manual_seed(123); torch.rand(7)                      # the interrupted process's RNG has moved on anyway
     CALLS.clear()
-    res = bench(tmp_path, 'cut', 'results-cut'); res.add(train_one, 'r', arch='resnet8', epochs=3, seed=0)
+    res = bench(tmp_path, 'cut', 'results-cut'); res.add(train_one, 'r', **kw)
     runs = res.run()
     assert CALLS == [1, 2], CALLS                               # only epochs 2 and 3 were trained again
     assert same_state(full, FINAL['r'])
@@ -70,7 +71,8 @@ def test_resume_is_bit_identical(tmp_path):
     assert r['result']['train_loss'] > 0 and r['threads'] == torch.get_num_threads() and r['device'] == 'cpu'
     assert not (tmp_path/'cut'/'t'/'r'/'train'/'epoch.pth').exists() and (tmp_path/'cut'/'t'/'r'/'train'/'final.pth').exists()
     on_disk = json.loads((tmp_path/'results-cut'/'runs'/'t'/'r.json').read_text())
-    assert on_disk['settings'] == dict(arch='resnet8', epochs=3, seed=0) and 'commit' in on_disk['git']
+    assert on_disk['settings'] == kw and 'commit' in on_disk['git']
+    assert on_disk['train_format'] == dict(channels_last=True, bf16=False) and on_disk['contiguous_stages'] == {}
     assert {'load_start', 'load_end', 'torch', 'wall_seconds', 'sec_per_epoch'} <= set(on_disk)
 
 def fmt_probe(ctx):
