@@ -11,7 +11,8 @@ Protocol (`domain_pair`): the source's train split, labelled; the target's train
 The authors' settings are the defaults but for the image size: batch 128, calibrator with 9 residual blocks, Adam 1e-4
 for calibrator, discriminators and DANN; for M→U ngf 8, bound 0.4 in [-1, 1] units (0.2 in pixel units) and ~11.4k
 iterations (the code's 200 epochs of 57 steps; here whole epochs of MNIST batches, 11,232), for U→M ngf 4, bound 0.9
-(0.45) and 2,850 iterations (the code's 50 epochs of 57 steps: an epoch of its loops is min(source, target) batches). No setting reads target labels: there is no
+(0.45) and 2,850 iterations (the code's 50 epochs of 57 steps: an epoch of its loops is min(source, target) batches;
+here 51 epochs of 56 USPS batches, 2,856). No setting reads target labels: there is no
 model selection at all, every number is the last iteration's (the per-epoch target accuracy is reported only).
 Image size: 16×16 (USPS's own) by default, not the code's 28×28, for cost (`SIZE_NOTE` gives the measurement: the 12
 calibrator runs take ~5.5 h instead of ~13 h on 2 CPU cores); `--size 28` runs the code's size.
