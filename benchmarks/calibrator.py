@@ -52,7 +52,7 @@ SIZE_NOTE = ("16×16 is USPS's own resolution; the authors' code resizes both do
 OLD = 'calibrator_old_protocol'   # the previous runs' page, kept
 U2M_LONG = ("An earlier USPS→MNIST run took M→U's length by mistake, 11,424 iterations (4× the code's 2,850): frozen-BN "
             "calibrator, seed 0, 40.55% MNIST test at its last iteration (source only, same classifier: 56.00%; USPS test through "
-            "the calibrator 86.40% vs 96.11%). Its target accuracy after each epoch of 57 iterations went from 68% after the first "
+            "the calibrator 86.40% vs 96.11%). Its target accuracy after each epoch of 56 iterations went from 68% after the first "
             "to 38% after the 50th and 41% at the end (the run file is in git at commit a1c7a81). The length is now the code's; "
             "it was set from the code, not from that curve.")
 
