@@ -257,9 +257,9 @@ class RunContext:
         asked = self.bench.plan.get(self.run_id, {}).get('format', self.bench.format)
         fmt = set_train_format(learn, asked)
         if fmt != asked:
-            self.progress.setdefault('contiguous_stages', {})[stage] = channels_last_hazards(learn.model)
+            convs = self.progress.setdefault('contiguous_stages', {})[stage] = channels_last_hazards(learn.model)
             print(f"[{self.run_id}] stage {stage!r}: trained contiguous, not channels_last: torch's CPU backend corrupts the heap "
-                  f"in the weight gradient of {channels_last_hazards(learn.model)} in channels_last", flush=True)
+                  f"in the weight gradient of {convs} in channels_last", flush=True)
         if stage in self._stages: raise ValueError(f"run {self.run_id}: stage {stage!r} fitted twice; give each fit its own stage name")
         self._stages.add(stage)
         d = self._stage_dir(stage, shared)
