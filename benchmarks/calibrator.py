@@ -168,6 +168,34 @@ def targets(s:dict) -> str:
             f"source test accuracy through the calibrator within 1 point of the plain classifier: "
             f"{ok(s['source_acc_plain'] - s['source_acc_calibrated'] <= .01)} ({100*s['source_acc_calibrated']:.2f}% vs {100*s['source_acc_plain']:.2f}%).")
 
+def best_epoch_bound(runs:dict, d:str) -> dict:
+    "Per calibrator arm, the mean over seeds of the best per-epoch target accuracy: an upper bound on what any epoch selection could give (nothing is selected)"
+    out = {}
+    for arm in ('cal', 'cal_code_bn'):
+        cs = [r['result']['target_acc_per_epoch'] for r in runs.values() if r['settings']['direction'] == d
+              and r['settings']['arm'] == arm and r['result'].get('target_acc_per_epoch')]
+        if cs: out[arm] = float(np.mean([max(c) for c in cs]))
+    return out
+
+def shortfall_md(runs:dict, d:str, s:dict) -> str:
+    "What the M→U targets' shortfall rests on: measured bounds and what was tried, from the run files"
+    b = best_epoch_bound(runs, d)
+    if s['calibrated_acc'] is None or not b: return ''
+    drop = [100*(s['source_acc_plain'] - s[k]) for k in ('source_acc_calibrated', 'source_acc_calibrated_code_bn') if s[k] is not None]
+    return ("**Where the targets are missed, what was measured and tried.** (1) Even the best epoch of each run, read on the "
+            "target labels (which no number here does; it is only a bound on what model selection could give), averages "
+            f"{100*b.get('cal', np.nan):.1f}% for the frozen-BN calibrator ({100*(b.get('cal', np.nan) - s['source_only_acc']):+.1f} over "
+            f"source only) and {100*b.get('cal_code_bn', np.nan):.1f}% with the code's BN: the shortfall is not a matter of "
+            "stopping earlier. (2) Seeds differ by several points (the per-seed column); the paper gives one figure per setting. "
+            "(3) At deployment MNIST images go through the calibrator too (trained on them only by the λ_s = 0.1 term), "
+            f"costing {' and '.join(f'{v:.1f}' for v in drop)} points for frozen BN and the code's BN. "
+            "(4) Tried before, on the reduced protocol ([calibrator_old_protocol.md](calibrator_old_protocol.md)): a higher "
+            "learning rate (3e-4, chosen on target labels, so not kept) and the code's exact output mapping (`mode='clamp'`, no "
+            "better). (5) Not matched: the code's 28×28 input (2.4× the cost, see above); its source classifier's training "
+            "(300 epochs of Adam 1e-4 with weight decay 5e-4; here 10 one-cycle epochs of Adam 2e-3, "
+            f"{100*s['source_acc_plain']:.1f}% on MNIST test); the CycleGAN-translated source images behind the paper's 97.1% (its "
+            "calibrator alone: 95.6%). No setting was tuned further: each further choice would need target labels.")
+
 def direction_md(runs:dict, d:str, s:dict) -> str:
     src, tgt = (n.upper() for n in DIRS[d])
     rows = []
@@ -183,7 +211,7 @@ def direction_md(runs:dict, d:str, s:dict) -> str:
             f"Images {st.get('size')}×{st.get('size')} grey in [0, 1]; batch {st.get('bs')}; {s['iterations']} adaptation iterations; "
             f"calibrator ngf {st.get('ngf')}, {st.get('n_blocks')} blocks, one-sided bound {st.get('bound')} in pixel units; Adam {st.get('lr')}.\n"
             f"{SIZE_NOTE if st.get('size') == 16 else ''}\n\n"
-            f"{md_table(rows)}\n\n{targets(s) if d == 'mnist_to_usps' else U2M_LONG}")
+            f"{md_table(rows)}\n\n{targets(s) + chr(10)*2 + shortfall_md(runs, d, s) if d == 'mnist_to_usps' else U2M_LONG}")
 
 def summarise(runs:dict):
     by_dir = {d: direction_summary(runs, d) for d in DIRS}
