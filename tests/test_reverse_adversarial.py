@@ -187,3 +187,28 @@ def test_lowbit_levels_frozen_and_input_gradients():
     y = digits(16).y[:64]
     pb = pick_bits(clf, x, y, min_drop=0.5, candidates=((4, None), (2, 4)))
     assert not pb['reached'] and len(pb['tried']) == 2                  # an untrained model cannot drop by 50 points
+
+def test_benchmark_summary(tmp_path):
+    "The benchmark's summary has issue 19's keys per `<arch>@<dataset>`; `refined_mean_acc` is the low-bit model refined towards the float model"
+    import importlib.util, sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]/'benchmarks'
+    sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location('ra_bench', root/'reverse_adversarial.py')
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    a = m.parse(['--tfms', 'rotation,noise'])
+    assert a.seeds == [0, 1, 2] and a.epochs == 30 and a.n_train is None and a.n_test is None   # whole splits, 3 seeds
+    row = lambda seed: dict(frozen=0.5, calibrated=0.7 + 0.01*seed, calibrated_clean=0.98, finetune=0.8,
+                            lowbit_frozen=0.4, lowbit_calibrated=0.6, lowbit_refined=0.45)
+    runs = {f'lenet5_mnist-s{s}': dict(settings=dict(model='lenet5@mnist', seed=s), result=dict(
+                clean_acc=0.99, lowbit_bits='w3a32', lowbit_clean_acc=0.95, lowbit_calibrated_clean_acc=0.97, lowbit_refined_clean_acc=0.96,
+                calibrator_param_ratio=0.05, n_fit=59000, n_val=1000, n_test=10000, n_scene=1000,
+                tfms={t: row(s) for t in a.tfms})) for s in a.seeds}
+    s, md = m.summarise(runs, a)
+    r = s['lenet5@mnist']
+    assert list(r) == m.KEYS and r['seeds'] == 3
+    assert abs(r['calibrated_mean_acc']['mean'] - 0.71) < 1e-9 and abs(r['refined_mean_acc']['mean'] - 0.45) < 1e-9
+    assert abs(s['gain_per_tfm']['lenet5@mnist']['rotation']['mean'] - 0.21) < 1e-9
+    assert '| 50% |' in md and 'half of it recovered met' in md and 'gain ≥ +10 met (+21.0)' in md   # half of the 4-point drop
+    assert 'NOT met (98.00 vs 99.00)' in md and 'clean refined (teacher)' in md and "towards the float model's prediction" in md
+    assert "refine_on" not in md
