@@ -107,3 +107,12 @@ class SaveAndStop(Callback):
         if self.epoch + 1 == self.n:
             save_checkpoint(self.learn, self.file, extra=dict(epoch=self.n))
             raise CancelFitException()
+
+def bench_module(name:str):
+    "The script `benchmarks/<name>.py` imported as a module (its folder on `sys.path`, for its `runner` and `common`)"
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]/'benchmarks'
+    if str(root) not in sys.path: sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location(f'{name}_bench', root/f'{name}.py')
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    return m

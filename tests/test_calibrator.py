@@ -6,7 +6,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.core import Callback, CancelFitException
 from fastai.data.core import DataLoaders
 from fastai.torch_core import params
-from helpers import run_ddp, params_digest, TRAIN_EVENTS, RaiseAt
+from helpers import run_ddp, params_digest, TRAIN_EVENTS, RaiseAt, bench_module
 from corsd_suite.core import seed_everything, DEMO_ROWS, save_checkpoint, load_checkpoint
 from corsd_suite.data import TensorDL, image_dls, ImageSet
 from corsd_suite.models import dtn, lenet5
@@ -203,19 +203,10 @@ def test_erode_images_checks():
     with pytest.raises(ValueError, match='uint8'): erode_images(x.float())
     with pytest.raises(ValueError, match='odd'): erode_images(x, k=2)
 
-def _bench_module():
-    import importlib.util, sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]/'benchmarks'
-    sys.path.insert(0, str(root))
-    spec = importlib.util.spec_from_file_location('calibrator_bench', root/'calibrator.py')
-    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
-    return m
-
 def test_benchmark_summary_keys(tmp_path):
     "The benchmark's summary has the issue's keys for MNIST→USPS, plus `usps_to_mnist`; the figure is drawn from the JSON"
     import json
-    m = _bench_module()
+    m = bench_module('calibrator')
     a = m.parse(['--seeds', '2'])
     assert (a.size, a.bs, a.iters, a.lr, a.n_blocks) == (16, 128, None, 1e-4, 9)   # the authors' protocol at USPS's own size
     class Plan:                                                    # what `plan` adds to a benchmark

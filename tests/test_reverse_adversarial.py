@@ -4,7 +4,7 @@ import pytest, torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
 from fastai.data.core import DataLoaders
-from helpers import run_ddp, ddp_fit, params_digest, TRAIN_EVENTS, RaiseAt
+from helpers import run_ddp, ddp_fit, params_digest, TRAIN_EVENTS, RaiseAt, bench_module
 from corsd_suite.core import seed_everything
 from corsd_suite.data import digits_dls, digits, TensorDL
 from corsd_suite.models import lenet5
@@ -190,12 +190,7 @@ def test_lowbit_levels_frozen_and_input_gradients():
 
 def test_benchmark_summary(tmp_path):
     "The benchmark's summary has issue 19's keys per `<arch>@<dataset>`; `refined_mean_acc` is the low-bit model refined towards the float model"
-    import importlib.util, sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]/'benchmarks'
-    sys.path.insert(0, str(root))
-    spec = importlib.util.spec_from_file_location('ra_bench', root/'reverse_adversarial.py')
-    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    m = bench_module('reverse_adversarial')
     a = m.parse(['--tfms', 'rotation,noise'])
     assert a.seeds == [0, 1, 2] and a.epochs == 30 and a.n_train is None and a.n_test is None   # whole splits, 3 seeds
     row = lambda seed: dict(frozen=0.5, calibrated=0.7 + 0.01*seed, calibrated_clean=0.98, finetune=0.8,
