@@ -141,9 +141,13 @@ def plan(bench, a):
                           width=a.width, n_per_class=a.n_per_class, **code)
 
 # ------------------------------------------------------------------------------------------------------ summary
+def arm_runs(runs:dict, d:str, arm:str) -> list:
+    "The finished runs of one direction and arm"
+    return [r for r in runs.values() if r['settings']['direction'] == d and r['settings']['arm'] == arm]
+
 def direction_summary(runs:dict, d:str) -> dict:
     "Mean accuracies (fractions) of one direction's finished runs; None for an arm with none"
-    rs = {arm: [r['result'] for r in runs.values() if r['settings']['direction'] == d and r['settings']['arm'] == arm] for arm in ARMS}
+    rs = {arm: [r['result'] for r in arm_runs(runs, d, arm)] for arm in ARMS}
     m = lambda arm, k: float(np.mean([x[k] for x in rs[arm]])) if rs[arm] else None
     out = {ACC_KEYS[arm]: m(arm, 'target_acc') for arm in ARMS}
     out.update(source_acc_plain=m('source_only', 'source_acc'), source_acc_calibrated=m('cal', 'source_acc'),
@@ -172,8 +176,7 @@ def best_epoch_bound(runs:dict, d:str) -> dict:
     "Per calibrator arm, the mean over seeds of the best per-epoch target accuracy: an upper bound on what any epoch selection could give (nothing is selected)"
     out = {}
     for arm in ('cal', 'cal_code_bn'):
-        cs = [r['result']['target_acc_per_epoch'] for r in runs.values() if r['settings']['direction'] == d
-              and r['settings']['arm'] == arm and r['result'].get('target_acc_per_epoch')]
+        cs = [r['result']['target_acc_per_epoch'] for r in arm_runs(runs, d, arm) if r['result'].get('target_acc_per_epoch')]
         if cs: out[arm] = float(np.mean([max(c) for c in cs]))
     return out
 
@@ -202,8 +205,7 @@ def direction_md(runs:dict, d:str, s:dict) -> str:
     rows = []
     for arm, name in ARMS.items():
         if arm not in s['acc']: rows.append({'arm': name, f'{tgt} test acc (%)': 'not run yet'}); continue
-        per = sorted((r['settings']['seed'], r['result']['target_acc']) for r in runs.values()
-                     if r['settings']['direction'] == d and r['settings']['arm'] == arm)
+        per = sorted((r['settings']['seed'], r['result']['target_acc']) for r in arm_runs(runs, d, arm))
         rows.append({'arm': name, f'{tgt} test acc (%)': fmt_ms(s['acc'][arm]['target']), f'{src} test acc (%)': fmt_ms(s['acc'][arm]['source']),
                      'per seed (%)': ' / '.join(f's{k}: {100*v:.1f}' for k, v in per)})
     one = next((r for r in runs.values() if r['settings']['direction'] == d), None)

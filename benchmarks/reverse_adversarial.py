@@ -17,13 +17,16 @@ Real protocol (the lead runs it alone; hours on a CPU):
 Smoke test (a couple of minutes; writes a temporary result name, delete it afterwards):
     CORSD_DATA=../shared/data python benchmarks/reverse_adversarial.py --models lenet5@mnist --seeds 0 --epochs 1 \\
         --n-train 50 --n-val 20 --n-test 30 --n-scene 10 --cal-epochs 1 --tfms rotation,noise --out ra_smoke
+Diagnostic of the clean-accuracy cost (the scene calibrators also train on the new-scene images untransformed; its own
+result name, which the main page then quotes; link the main cache's `_shared` folder to reuse the base models):
+    CORSD_DATA=../shared/data python benchmarks/reverse_adversarial.py --models lenet5@mnist --clean-mix --out reverse_adversarial_clean_mix
 `--plot` redraws the PNG from an existing JSON only."""
 import sys, os, copy, json, argparse, warnings
 sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np, torch
 import runner
 from common import RESULTS, md_table, mean_std, save_figure
-from corsd_suite.data import load_dataset, image_dls, CropFlip, UNSEEN_TRANSFORMS
+from corsd_suite.data import ImageSet, load_dataset, image_dls, CropFlip, UNSEEN_TRANSFORMS
 from corsd_suite.models import zoo_learner, count_params
 from corsd_suite.reverse_adversarial import adapt_to_scene, reverse_pgd, lowbit, pick_bits, _SkipValid
 warnings.filterwarnings('ignore')
@@ -51,6 +54,8 @@ def parse(argv=None):
     p.add_argument('--refine-eps', type=float, default=4/255)
     p.add_argument('--refine-steps', type=int, default=10)
     p.add_argument('--min-drop', type=float, default=0.03, help='low-bit clean-accuracy drop wanted on the validation split')
+    p.add_argument('--clean-mix', action='store_true', help='diagnostic: scene calibrators and fine-tuning also train on the '
+                   'new-scene images untransformed (does the clean-accuracy cost come from training on transformed images only?)')
     p.add_argument('--out', default='reverse_adversarial', help='result name: benchmarks/results/OUT.{json,md,png}')
     p.add_argument('--plot', action='store_true', help='only redraw OUT.png from OUT.json')
     a = p.parse_args(argv)
@@ -125,6 +130,7 @@ def train_fn(a):
         for t in a.tfms:
             def row(t=t):
                 scene, tt = pool.transformed(t, a.severity, seed=1), test.transformed(t, a.severity, seed=2)
+                if a.clean_mix: scene = ImageSet(torch.cat([scene.x, pool.x]), torch.cat([scene.y, pool.y]), pool.classes, f'{scene.name}+clean')
                 cm = adapt_to_scene(clf, scene, epochs=a.cal_epochs, seed=ctx.seed, **ck)
                 cl = adapt_to_scene(lb, scene, epochs=a.cal_epochs, seed=ctx.seed, **ck)
                 return dict(frozen=acc(clf, tt), calibrated=acc(cm, tt), calibrated_clean=acc(cm, test),
@@ -139,7 +145,7 @@ def _m(xs): return mean_std(xs)
 
 def summarise(runs, a):
     "Summary keyed by `<arch>@<dataset>` with exactly the keys of issue 19's 'Done when', and the markdown page"
-    summary, rows, low, tgt, per_tfm = {}, [], [], [], {}
+    summary, rows, low, tgt, per_tfm, clean_tfm, cl_rows, cl_notes = {}, [], [], [], {}, {}, [], []
     for model, rs in runner.by(runs, 'model').items():
         tm = lambda k: _m([np.mean([r['tfms'][t][k] for t in r['tfms']]) for r in rs])
         s = dict(clean_acc=_m([r['clean_acc'] for r in rs]), frozen_mean_acc=tm('frozen'), calibrated_mean_acc=tm('calibrated'),
@@ -151,6 +157,7 @@ def summarise(runs, a):
         assert list(s) == KEYS
         summary[model] = s
         per_tfm[model] = {t: _m([r['tfms'][t]['calibrated'] - r['tfms'][t]['frozen'] for r in rs]) for t in rs[0]['tfms']}
+        clean_tfm[model] = {t: _m([r['tfms'][t]['calibrated_clean'] for r in rs]) for t in rs[0]['tfms']}
         f = lambda d: f"{100*d['mean']:.2f} ± {100*d['std']:.2f}"
         gain = s['calibrated_mean_acc']['mean'] - s['frozen_mean_acc']['mean']
         drop = s['clean_acc']['mean'] - s['lowbit_clean_acc']['mean']
@@ -169,6 +176,8 @@ def summarise(runs, a):
                    f"{ok(s['clean_acc']['mean'] - s['calibrated_clean_acc']['mean'] <= .005)} "
                    f"({100*s['calibrated_clean_acc']['mean']:.2f} vs {100*s['clean_acc']['mean']:.2f}); low-bit drop ≥ 3 points "
                    f"{ok(drop >= .03)} ({100*drop:.1f}); half of it recovered {ok(drop > 0 and rec >= drop/2)}")
+        cl_rows.append({'model': model, 'alone': f"{100*s['clean_acc']['mean']:.2f}", **{t: f"{100*v['mean']:.2f}" for t, v in clean_tfm[model].items()}})
+        cl_notes.append(clean_by_tfm(model, s['clean_acc']['mean'], clean_tfm[model]))
     r0 = next(iter(runs.values()))['result'] if runs else {}
     md = (f"# Reverse adversarial examples on strong models (issue 19)\n\nAccuracies in percent, mean ± std over seeds. "
           f"Base models: {a.epochs} epochs on {r0.get('n_fit')} training images (validation split of {r0.get('n_val')} held out; "
@@ -183,10 +192,37 @@ def summarise(runs, a):
           f"summary's `refined_mean_acc`): reverse PGD in `teacher` mode, the low-bit model's input moved towards the float model's "
           f"prediction, eps {a.refine_eps:.4f}, {a.refine_steps} steps (on the float model itself it would be `pred` mode, which "
           f"cannot change a prediction).\n\n" + (md_table(low) if low else '') +
+          f"\n\n## Clean test accuracy through each scene calibrator\n\nEach column is the calibrator trained on that "
+          f"transformation's new-scene set, run on the clean test split (mean over seeds; 'alone': the model without one).\n\n"
+          + (md_table(cl_rows) if cl_rows else '') + '\n\n' + '\n'.join(f'- {n}' for n in cl_notes) + clean_mix_md(a, clean_tfm, per_tfm) +
           f"\n\n![gain per transformation and low-bit recovery]({a.out}.png)\n\n"
           f"**Targets** (gain ≥ +10 points for every model; clean accuracy via the calibrator within 0.5 points of the model "
           f"alone; the calibrator recovers at least half of the low-bit drop on clean test data):\n\n" + '\n'.join(f'- {t}' for t in tgt))
-    return dict(summary, gain_per_tfm=per_tfm), md
+    return dict(summary, gain_per_tfm=per_tfm, clean_via_calibrator_per_tfm=clean_tfm), md
+
+MIX = 'reverse_adversarial_clean_mix'   # the `--clean-mix` diagnostic's result name
+
+def clean_mix_md(a, clean_tfm, gain_tfm):
+    "The `--clean-mix` diagnostic (if its JSON exists) beside this page's runs: clean accuracy and gain per transformation"
+    f = RESULTS/f'{MIX}.json'
+    if a.clean_mix or not f.exists(): return ''
+    d = json.loads(f.read_text())
+    pct = lambda v: f"{100*v['mean']:.2f}"
+    rows = [{'model': m, 'transformation': t, 'seeds': d['summary'][m]['seeds'], 'clean via cal.': pct(clean_tfm[m][t]),
+             'clean via cal., + clean images': pct(v), 'gain': pct(gain_tfm[m][t]), 'gain, + clean images': pct(d['summary']['gain_per_tfm'][m][t])}
+            for m, per in d['summary'].get('clean_via_calibrator_per_tfm', {}).items() if m in clean_tfm
+            for t, v in per.items() if t in clean_tfm[m]]
+    if not rows: return ''
+    return (f"\n\n**Tried: scene calibrators that also see clean images.** The same runs with each scene calibrator (and the "
+            f"fine-tuned reference) trained on the new-scene images plus the same images untransformed ([{MIX}.md]({MIX}.md); "
+            f"`{d['command']}`):\n\n" + md_table(rows))
+
+def clean_by_tfm(model, clean, per_tfm, tol=.005):
+    "Which scene calibrators keep clean test accuracy within `tol` of the model alone, and what the others cost"
+    far = sorted((v['mean'] - clean, t) for t, v in per_tfm.items() if clean - v['mean'] > tol)
+    head = f"{model}: {len(per_tfm) - len(far)} of {len(per_tfm)} scene calibrators keep clean accuracy within {100*tol:.1f} points"
+    if not far: return head
+    return head + "; the others cost " + ', '.join(f"{t} {100*d:+.2f}" for d, t in far) + " (mean over seeds)"
 
 def plot(out):
     "Draw OUT.png (gain per transformation with error bars; low-bit recovery) from OUT.json"
@@ -218,7 +254,7 @@ def main(argv=None):
     bench = runner.Benchmark(a.out, a)
     settings = dict(epochs=a.epochs, cal_epochs=a.cal_epochs, tfms=a.tfms, severity=a.severity, n_train=a.n_train, n_val=a.n_val,
                     n_test=a.n_test, n_scene=a.n_scene, bound=a.bound, refine_eps=a.refine_eps, refine_steps=a.refine_steps, refine_on='lowbit',
-                    min_drop=a.min_drop)
+                    min_drop=a.min_drop, **({'clean_mix': True} if a.clean_mix else {}))   # absent when off: earlier runs stay valid
     for model in a.models.split(','):
         if '@' not in model: raise SystemExit(f"--models: {model!r} is not arch@dataset")
         for seed in a.seeds: bench.add(train_fn(a), f"{model.replace('@', '_')}-s{seed}", model=model, seed=seed, **settings)

@@ -1,5 +1,5 @@
 "Reverse adversarial: save/load, interrupts, 2-process DDP, mixed precision, int8 composition, bad input, demo row."
-import copy, warnings
+import copy, json, warnings
 import pytest, torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
@@ -207,3 +207,31 @@ def test_benchmark_summary(tmp_path):
     assert '| 50% |' in md and 'half of it recovered met' in md and 'gain ≥ +10 met (+21.0)' in md   # half of the 4-point drop
     assert 'NOT met (98.00 vs 99.00)' in md and 'clean refined (teacher)' in md and "towards the float model's prediction" in md
     assert "refine_on" not in md
+    assert abs(s['clean_via_calibrator_per_tfm']['lenet5@mnist']['noise']['mean'] - 0.98) < 1e-9
+    assert '## Clean test accuracy through each scene calibrator' in md and '0 of 2 scene calibrators' in md
+
+def test_clean_by_tfm():
+    "The page names the scene calibrators that cost clean accuracy, worst first, and only those"
+    m = bench_module('reverse_adversarial')
+    per = {'noise': dict(mean=0.992), 'translate': dict(mean=0.90), 'rotation': dict(mean=0.95)}
+    note = m.clean_by_tfm('lenet5@mnist', 0.994, per)
+    assert note.startswith('lenet5@mnist: 1 of 3 scene calibrators keep clean accuracy within 0.5 points')
+    assert note.index('translate -9.40') < note.index('rotation -4.40') and 'noise' not in note
+    assert m.clean_by_tfm('m', 0.994, {'noise': dict(mean=0.99)}) == 'm: 1 of 1 scene calibrators keep clean accuracy within 0.5 points'
+
+def test_clean_mix_md(tmp_path, monkeypatch):
+    "The main page quotes the `--clean-mix` diagnostic beside its own per-transformation figures, only where both exist"
+    m = bench_module('reverse_adversarial')
+    monkeypatch.setattr(m, 'RESULTS', tmp_path)
+    a, v = m.parse([]), lambda x: dict(mean=x, std=0.)
+    clean, gain = {'lenet5@mnist': {'translate': v(.85), 'noise': v(.99)}}, {'lenet5@mnist': {'translate': v(.6), 'noise': v(.2)}}
+    assert m.clean_mix_md(a, clean, gain) == ''   # no diagnostic yet
+    mix = dict(command='python benchmarks/reverse_adversarial.py --clean-mix', summary={
+        'lenet5@mnist': dict(seeds=3), 'resnet20@cifar10': dict(seeds=1),
+        'clean_via_calibrator_per_tfm': {'lenet5@mnist': {'translate': v(.98)}, 'resnet20@cifar10': {'translate': v(.9)}},
+        'gain_per_tfm': {'lenet5@mnist': {'translate': v(.55)}, 'resnet20@cifar10': {'translate': v(.1)}}})
+    (tmp_path/f'{m.MIX}.json').write_text(json.dumps(mix))
+    md = m.clean_mix_md(a, clean, gain)
+    assert '| lenet5@mnist | translate | 3 | 85.00 | 98.00 | 60.00 | 55.00 |' in md and '--clean-mix`' in md
+    assert 'resnet20' not in md and 'noise' not in md   # only what both pages have
+    assert m.clean_mix_md(m.parse(['--clean-mix']), clean, gain) == ''   # the diagnostic's own page does not quote itself
