@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np, torch
 import runner
 from common import RESULTS, md_table, mean_std, save_figure
-from corsd_suite.data import ImageSet, load_dataset, image_dls, CropFlip, UNSEEN_TRANSFORMS
+from corsd_suite.data import load_dataset, image_dls, CropFlip, UNSEEN_TRANSFORMS
 from corsd_suite.models import zoo_learner, count_params
-from corsd_suite.reverse_adversarial import adapt_to_scene, reverse_pgd, lowbit, pick_bits, _SkipValid
+from corsd_suite.reverse_adversarial import adapt_to_scene, with_clean, reverse_pgd, lowbit, pick_bits, _SkipValid
 warnings.filterwarnings('ignore')
 
 BASE_LR = dict(lenet5=3e-3, resnet8=1e-2, resnet20=1e-2, resnet32=1e-2, mobilenet_v2=1e-2)
@@ -130,7 +130,7 @@ def train_fn(a):
         for t in a.tfms:
             def row(t=t):
                 scene, tt = pool.transformed(t, a.severity, seed=1), test.transformed(t, a.severity, seed=2)
-                if a.clean_mix: scene = ImageSet(torch.cat([scene.x, pool.x]), torch.cat([scene.y, pool.y]), pool.classes, f'{scene.name}+clean')
+                if a.clean_mix: scene = with_clean(scene, pool)   # the new-scene images plus the same images untransformed
                 cm = adapt_to_scene(clf, scene, epochs=a.cal_epochs, seed=ctx.seed, **ck)
                 cl = adapt_to_scene(lb, scene, epochs=a.cal_epochs, seed=ctx.seed, **ck)
                 return dict(frozen=acc(clf, tt), calibrated=acc(cm, tt), calibrated_clean=acc(cm, test),
@@ -214,7 +214,7 @@ def clean_mix_md(a, clean_tfm, gain_tfm):
             for t, v in per.items() if t in clean_tfm[m]]
     if not rows: return ''
     return (f"\n\n**Tried: scene calibrators that also see clean images.** The same runs with each scene calibrator (and the "
-            f"fine-tuned reference) trained on the new-scene images plus the same images untransformed ([{MIX}.md]({MIX}.md); "
+            f"fine-tuned reference) trained on the new-scene images plus the same images untransformed (`adapt_to_scene(..., clean=...)`; [{MIX}.md]({MIX}.md); "
             f"`{d['command']}`):\n\n" + md_table(rows))
 
 def clean_by_tfm(model, clean, per_tfm, tol=.005):

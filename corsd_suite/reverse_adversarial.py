@@ -26,8 +26,8 @@ from .calibration import (Calibrator, CalibratedModel, FreezeClassifier, freeze_
 # %% auto #0
 __all__ = ['LOWBIT_CANDIDATES', 'check_eval', 'is_quantized', 'attention_mask', 'reverse_labels', 'reverse_pgd',
            'ReverseAdvCallback', 'AttentionGate', 'zero_init', 'reverse_calibrator', 'ReverseAdvModel',
-           'model_with_calibrator', 'quantize_int8', 'StraightThrough', 'reverse_adv_learner', 'adapt_to_scene',
-           'ActQuant', 'lowbit', 'pick_bits', 'reverse_adversarial_row']
+           'model_with_calibrator', 'quantize_int8', 'StraightThrough', 'reverse_adv_learner', 'with_clean',
+           'adapt_to_scene', 'ActQuant', 'lowbit', 'pick_bits', 'reverse_adversarial_row']
 
 # %% ../nbs/50_reverse_adversarial.ipynb #f9f65cf0
 def check_eval(model:nn.Module, # the model to check
@@ -241,8 +241,17 @@ def reverse_adv_learner(dls, # labelled new-scene `DataLoaders`
 class _SkipValid(Callback):
     def before_validate(self): raise CancelValidException()
 
+def with_clean(scene:ImageSet, # labelled images of the new scene
+               clean:ImageSet # labelled images of the original scene (e.g. the same images untransformed)
+              ) -> ImageSet:
+    "`scene` and `clean` as one training set, after checking they have the same image shape and classes"
+    if clean.shape != scene.shape: raise ValueError(f"clean images are {clean.shape} but the new-scene images are {scene.shape}")
+    if clean.c != scene.c: raise ValueError(f"clean images have {clean.c} classes but the new-scene images have {scene.c}")
+    return ImageSet(torch.cat([scene.x, clean.x]), torch.cat([scene.y, clean.y]), scene.classes, f'{scene.name}+clean')
+
 def adapt_to_scene(clf:nn.Module, # the frozen classifier
                    scene:ImageSet, # labelled images of the new scene
+                   clean:ImageSet|None=None, # labelled images of the original scene, trained on too so clean images keep their accuracy
                    epochs:int=10, # one-cycle epochs
                    lr:float=3e-3, # maximum learning rate
                    bs:int=64, # batch size
@@ -253,6 +262,7 @@ def adapt_to_scene(clf:nn.Module, # the frozen classifier
                   ) -> ReverseAdvModel:
     "Train a calibrator for frozen `clf` on the labelled new-scene images `scene`; returns the deployable model (eval mode)"
     if len(scene) == 0: raise ValueError("adapt_to_scene: the new-scene ImageSet is empty")
+    if clean is not None: scene = with_clean(scene, clean)
     check_param('epochs', epochs, 1, integer=True); check_param('lr', lr, 0, lo_open=True); check_param('bs', bs, 1, integer=True)
     seed_everything(seed)
     dls = image_dls(scene, scene.subset(range(min(len(scene), bs))), bs=bs, device=device)
