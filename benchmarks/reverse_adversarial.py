@@ -179,7 +179,10 @@ def summarise(runs, a):
         cl_rows.append({'model': model, 'alone': f"{100*s['clean_acc']['mean']:.2f}", **{t: f"{100*v['mean']:.2f}" for t, v in clean_tfm[model].items()}})
         cl_notes.append(clean_by_tfm(model, s['clean_acc']['mean'], clean_tfm[model]))
     r0 = next(iter(runs.values()))['result'] if runs else {}
-    md = (f"# Reverse adversarial examples on strong models (issue 19)\n\nAccuracies in percent, mean ± std over seeds. "
+    variant = ("**Variant (`--clean-mix`)**: every scene calibrator, and the fine-tuned reference, trains on the new-scene images "
+               "plus the same images untransformed (`adapt_to_scene(..., clean=...)`); the main page trains them on the new-scene "
+               "images only.\n\n") if a.clean_mix else ''
+    md = (f"# Reverse adversarial examples on strong models (issue 19)\n\n{variant}Accuracies in percent, mean ± std over seeds. "
           f"Base models: {a.epochs} epochs on {r0.get('n_fit')} training images (validation split of {r0.get('n_val')} held out; "
           f"it chooses the low-bit setting), standard augmentation only. New-scene set: {r0.get('n_scene')} labelled training images "
           f"per transformation ({a.n_scene} per class); evaluation on {r0.get('n_test')} transformed test images; severity {a.severity}; "
@@ -207,9 +210,9 @@ def clean_mix_md(a, clean_tfm, gain_tfm):
     f = RESULTS/f'{MIX}.json'
     if a.clean_mix or not f.exists(): return ''
     d = json.loads(f.read_text())
-    pct = lambda v: f"{100*v['mean']:.2f}"
+    pct, pts = lambda v: f"{100*v['mean']:.2f}", lambda v: f"{100*v['mean']:+.2f}"
     rows = [{'model': m, 'transformation': t, 'seeds': d['summary'][m]['seeds'], 'clean via cal.': pct(clean_tfm[m][t]),
-             'clean via cal., + clean images': pct(v), 'gain': pct(gain_tfm[m][t]), 'gain, + clean images': pct(d['summary']['gain_per_tfm'][m][t])}
+             'clean via cal., + clean images': pct(v), 'gain': pts(gain_tfm[m][t]), 'gain, + clean images': pts(d['summary']['gain_per_tfm'][m][t])}
             for m, per in d['summary'].get('clean_via_calibrator_per_tfm', {}).items() if m in clean_tfm
             for t, v in per.items() if t in clean_tfm[m]]
     if not rows: return ''

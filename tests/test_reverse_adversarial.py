@@ -209,6 +209,7 @@ def test_benchmark_summary(tmp_path):
     assert "refine_on" not in md
     assert abs(s['clean_via_calibrator_per_tfm']['lenet5@mnist']['noise']['mean'] - 0.98) < 1e-9
     assert '## Clean test accuracy through each scene calibrator' in md and '0 of 2 scene calibrators' in md
+    assert 'Variant' not in md and 'Variant (`--clean-mix`)' in m.summarise(runs, m.parse(['--tfms', 'rotation,noise', '--clean-mix']))[1]
 
 def test_clean_by_tfm():
     "The page names the scene calibrators that cost clean accuracy, worst first, and only those"
@@ -232,6 +233,6 @@ def test_clean_mix_md(tmp_path, monkeypatch):
         'gain_per_tfm': {'lenet5@mnist': {'translate': v(.55)}, 'resnet20@cifar10': {'translate': v(.1)}}})
     (tmp_path/f'{m.MIX}.json').write_text(json.dumps(mix))
     md = m.clean_mix_md(a, clean, gain)
-    assert '| lenet5@mnist | translate | 3 | 85.00 | 98.00 | 60.00 | 55.00 |' in md and '--clean-mix`' in md
+    assert '| lenet5@mnist | translate | 3 | 85.00 | 98.00 | +60.00 | +55.00 |' in md and '--clean-mix`' in md
     assert 'resnet20' not in md and 'noise' not in md   # only what both pages have
     assert m.clean_mix_md(m.parse(['--clean-mix']), clean, gain) == ''   # the diagnostic's own page does not quote itself
