@@ -179,9 +179,7 @@ def summarise(runs, a):
         cl_rows.append({'model': model, 'alone': f"{100*s['clean_acc']['mean']:.2f}", **{t: f"{100*v['mean']:.2f}" for t, v in clean_tfm[model].items()}})
         cl_notes.append(clean_by_tfm(model, s['clean_acc']['mean'], clean_tfm[model]))
     r0 = next(iter(runs.values()))['result'] if runs else {}
-    variant = ("**Variant (`--clean-mix`)**: every scene calibrator, and the fine-tuned reference, trains on the new-scene images "
-               "plus the same images untransformed (`adapt_to_scene(..., clean=...)`); the main page trains them on the new-scene "
-               "images only.\n\n") if a.clean_mix else ''
+    variant = f"**Variant (`--clean-mix`)**: {MIX_WHAT}; the main page trains them on the new-scene images only.\n\n" if a.clean_mix else ''
     md = (f"# Reverse adversarial examples on strong models (issue 19)\n\n{variant}Accuracies in percent, mean ± std over seeds. "
           f"Base models: {a.epochs} epochs on {r0.get('n_fit')} training images (validation split of {r0.get('n_val')} held out; "
           f"it chooses the low-bit setting), standard augmentation only. New-scene set: {r0.get('n_scene')} labelled training images "
@@ -204,6 +202,8 @@ def summarise(runs, a):
     return dict(summary, gain_per_tfm=per_tfm, clean_via_calibrator_per_tfm=clean_tfm), md
 
 MIX = 'reverse_adversarial_clean_mix'   # the `--clean-mix` diagnostic's result name
+MIX_WHAT = ("every scene calibrator, and the fine-tuned reference, trains on the new-scene images plus the same images "
+            "untransformed (`adapt_to_scene(..., clean=...)`)")   # what `--clean-mix` changes, for both pages
 
 def clean_mix_md(a, clean_tfm, gain_tfm):
     "The `--clean-mix` diagnostic (if its JSON exists) beside this page's runs: clean accuracy and gain per transformation"
@@ -216,8 +216,7 @@ def clean_mix_md(a, clean_tfm, gain_tfm):
             for m, per in d['summary'].get('clean_via_calibrator_per_tfm', {}).items() if m in clean_tfm
             for t, v in per.items() if t in clean_tfm[m]]
     if not rows: return ''
-    return (f"\n\n**Tried: scene calibrators that also see clean images.** The same runs with each scene calibrator (and the "
-            f"fine-tuned reference) trained on the new-scene images plus the same images untransformed (`adapt_to_scene(..., clean=...)`; [{MIX}.md]({MIX}.md); "
+    return (f"\n\n**Tried: scene calibrators that also see clean images.** The same runs, where {MIX_WHAT} ([{MIX}.md]({MIX}.md); "
             f"`{d['command']}`):\n\n" + md_table(rows))
 
 def clean_by_tfm(model, clean, per_tfm, tol=.005):
