@@ -178,12 +178,14 @@ def summarise(runs, a):
                    f"{ok(drop >= .03)} ({100*drop:.1f}); half of it recovered {ok(drop > 0 and rec >= drop/2)}")
         cl_rows.append({'model': model, 'alone': f"{100*s['clean_acc']['mean']:.2f}", **{t: f"{100*v['mean']:.2f}" for t, v in clean_tfm[model].items()}})
         cl_notes.append(clean_by_tfm(model, s['clean_acc']['mean'], clean_tfm[model]))
-    r0 = next(iter(runs.values()))['result'] if runs else {}
+    sizes = {r['settings']['model']: r['result'] for r in runs.values()}   # split sizes differ per dataset
+    sizes = '; '.join(f"{m}: {r['n_fit']} / {r['n_val']} / {r['n_scene']} / {r['n_test']}" for m, r in sizes.items())
     variant = f"**Variant (`--clean-mix`)**: {MIX_WHAT}; the main page trains them on the new-scene images only.\n\n" if a.clean_mix else ''
     md = (f"# Reverse adversarial examples on strong models (issue 19)\n\n{variant}Accuracies in percent, mean ± std over seeds. "
-          f"Base models: {a.epochs} epochs on {r0.get('n_fit')} training images (validation split of {r0.get('n_val')} held out; "
-          f"it chooses the low-bit setting), standard augmentation only. New-scene set: {r0.get('n_scene')} labelled training images "
-          f"per transformation ({a.n_scene} per class); evaluation on {r0.get('n_test')} transformed test images; severity {a.severity}; "
+          f"Base models: {a.epochs} epochs on the training split minus a validation split ({a.n_val} images per class; it chooses "
+          f"the low-bit setting), standard augmentation only. New-scene set: labelled training images per transformation "
+          f"({a.n_scene} per class); evaluation on the transformed test split. Images (base training / validation / new scene / "
+          f"test): {sizes}. Severity {a.severity}; "
           f"transformations: {', '.join(a.tfms)}. Calibrators: {a.cal_epochs} epochs, bound {a.bound}. 'suite' columns are means "
           f"over the transformations; 'clean via calibrator' is the mean over the scene calibrators of their accuracy on the "
           f"clean test split.\n\n## Float models on the unseen transformations\n\n" + (md_table(rows) if rows else '') +

@@ -206,7 +206,7 @@ def test_benchmark_summary(tmp_path):
     assert abs(s['gain_per_tfm']['lenet5@mnist']['rotation']['mean'] - 0.21) < 1e-9
     assert '| 50% |' in md and 'half of it recovered met' in md and 'gain ≥ +10 met (+21.0)' in md   # half of the 4-point drop
     assert 'NOT met (98.00 vs 99.00)' in md and 'clean refined (teacher)' in md and "towards the float model's prediction" in md
-    assert "refine_on" not in md
+    assert "refine_on" not in md and 'lenet5@mnist: 59000 / 1000 / 1000 / 10000' in md   # split sizes, per dataset
     assert abs(s['clean_via_calibrator_per_tfm']['lenet5@mnist']['noise']['mean'] - 0.98) < 1e-9
     assert '## Clean test accuracy through each scene calibrator' in md and '0 of 2 scene calibrators' in md
     assert 'Variant' not in md and 'Variant (`--clean-mix`)' in m.summarise(runs, m.parse(['--tfms', 'rotation,noise', '--clean-mix']))[1]
