@@ -182,7 +182,7 @@ def summarise(runs, a):
     sizes = '; '.join(f"{m}: {r['n_fit']} / {r['n_val']} / {r['n_scene']} / {r['n_test']}" for m, r in sizes.items())
     variant = f"**Variant (`--clean-mix`)**: {MIX_WHAT}; the main page trains them on the new-scene images only.\n\n" if a.clean_mix else ''
     md = (f"# Reverse adversarial examples on strong models (issue 19)\n\n{variant}Accuracies in percent, mean ± std over seeds. "
-          f"Base models: {a.epochs} epochs on the training split minus a validation split ({a.n_val} images per class; it chooses "
+          f"Base models: {a.epochs} epochs on the training split minus a stratified validation split ({a.n_val} images per class on average; it chooses "
           f"the low-bit setting), standard augmentation only. New-scene set: labelled training images per transformation "
           f"({a.n_scene} per class); evaluation on the transformed test split. Images (base training / validation / new scene / "
           f"test): {sizes}. Severity {a.severity}; "
