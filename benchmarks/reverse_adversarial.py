@@ -145,7 +145,7 @@ def _m(xs): return mean_std(xs)
 
 def summarise(runs, a):
     "Summary keyed by `<arch>@<dataset>` with exactly the keys of issue 19's 'Done when', and the markdown page"
-    summary, rows, low, tgt, per_tfm, clean_tfm, cl_rows, cl_notes = {}, [], [], [], {}, {}, [], []
+    summary, rows, low, tgt, per_tfm, clean_tfm, cl_rows, cl_notes, sizes = {}, [], [], [], {}, {}, [], [], []
     for model, rs in runner.by(runs, 'model').items():
         tm = lambda k: _m([np.mean([r['tfms'][t][k] for t in r['tfms']]) for r in rs])
         s = dict(clean_acc=_m([r['clean_acc'] for r in rs]), frozen_mean_acc=tm('frozen'), calibrated_mean_acc=tm('calibrated'),
@@ -178,14 +178,13 @@ def summarise(runs, a):
                    f"{ok(drop >= .03)} ({100*drop:.1f}); half of it recovered {ok(drop > 0 and rec >= drop/2)}")
         cl_rows.append({'model': model, 'alone': f"{100*s['clean_acc']['mean']:.2f}", **{t: f"{100*v['mean']:.2f}" for t, v in clean_tfm[model].items()}})
         cl_notes.append(clean_by_tfm(model, s['clean_acc']['mean'], clean_tfm[model]))
-    sizes = {r['settings']['model']: r['result'] for r in runs.values()}   # split sizes differ per dataset
-    sizes = '; '.join(f"{m}: {r['n_fit']} / {r['n_val']} / {r['n_scene']} / {r['n_test']}" for m, r in sizes.items())
+        sizes.append(f"{model}: {rs[0]['n_fit']} / {rs[0]['n_val']} / {rs[0]['n_scene']} / {rs[0]['n_test']}")   # per dataset
     variant = f"**Variant (`--clean-mix`)**: {MIX_WHAT}; the main page trains them on the new-scene images only.\n\n" if a.clean_mix else ''
     md = (f"# Reverse adversarial examples on strong models (issue 19)\n\n{variant}Accuracies in percent, mean ± std over seeds. "
           f"Base models: {a.epochs} epochs on the training split minus a stratified validation split ({a.n_val} images per class on average; it chooses "
           f"the low-bit setting), standard augmentation only. New-scene set: labelled training images per transformation "
           f"({a.n_scene} per class); evaluation on the transformed test split. Images (base training / validation / new scene / "
-          f"test): {sizes}. Severity {a.severity}; "
+          f"test): {'; '.join(sizes)}. Severity {a.severity}; "
           f"transformations: {', '.join(a.tfms)}. Calibrators: {a.cal_epochs} epochs, bound {a.bound}. 'suite' columns are means "
           f"over the transformations; 'clean via calibrator' is the mean over the scene calibrators of their accuracy on the "
           f"clean test split.\n\n## Float models on the unseen transformations\n\n" + (md_table(rows) if rows else '') +
