@@ -13,6 +13,7 @@ from fastcore.all import *
 from fastai.learner import Callback
 from fastai.torch_core import params
 from .core import check_images, model_device, unwrap
+from .interop import PixelMap
 from .data import check_dls_nonempty
 
 # %% auto #0
@@ -251,19 +252,25 @@ class CalibratedModel(nn.Module):
     def __init__(self, cal:nn.Module, # the calibrator (trained)
                  clf:nn.Module, # the classifier (frozen here)
                  freeze_bn:bool=True, # keep the classifier's BN statistics fixed during adaptation
-                 code_faithful_bn:bool=False): # the authors' code: the classifier in train mode during adaptation
+                 code_faithful_bn:bool=False, # the authors' code: the classifier in train mode during adaptation
+                 pixels:PixelMap|None=None): # the loaders' normalisation (`PixelMap.from_dls(dls)`): the calibrator works on pixels in [0, 1]
         super().__init__()
         self.cal, self.clf = cal, freeze_model(clf)
+        self.pixels = pixels if pixels is not None else PixelMap()
         self.freeze_bn, self.code_faithful_bn = freeze_bn and not code_faithful_bn, code_faithful_bn
         self.train(False)
+    def calibrate(self, x:torch.Tensor) -> torch.Tensor:
+        "Calibrated pixels (in [0, 1]) of a batch `x` as the loaders give it"
+        return self.cal(self.pixels.to_pixels(x))
     def classify(self, xc:torch.Tensor) -> torch.Tensor:
-        "The frozen classifier's logits for calibrated images `xc` (a clear error if it was built for another size)"
-        try: return self.clf(xc)
-        except RuntimeError as e: raise size_error(self.clf, xc, e) from e
+        "The frozen classifier's logits for calibrated pixels `xc` (normalised as its loaders do; a clear error if it was built for another size)"
+        xn = self.pixels.from_pixels(xc)
+        try: return self.clf(xn)
+        except RuntimeError as e: raise size_error(self.clf, xn, e) from e
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         "Classifier logits of the calibrated images"
         check_batch(x, what='calibrated model input')
-        return self.classify(self.cal(x))
+        return self.classify(self.calibrate(x))
     def train(self, mode:bool=True):
         "Set the calibrator's mode; the classifier follows the BN switches (always eval when `mode` is False)"
         super().train(mode)
