@@ -38,20 +38,21 @@ class PixelMap(nn.Module):
     "Between fastai's normalised batches and pixels in [0, 1]: `to_pixels` undoes a `Normalize`, `from_pixels` redoes it (identity without one)"
     def __init__(self, stats:tuple|None=None): # `(mean, std)` per channel, as `batch_normalize` gives them; None: batches are pixels already
         super().__init__()
-        self.active = stats is not None
-        mean, std = stats if self.active else (torch.zeros(1), torch.ones(1))
+        mean, std = stats if stats is not None else (torch.zeros(1), torch.ones(1))
         self.register_buffer('mean', torch.as_tensor(mean, dtype=torch.float).view(1, -1, 1, 1).clone())
         self.register_buffer('std', torch.as_tensor(std, dtype=torch.float).view(1, -1, 1, 1).clone())
     @classmethod
     def from_dls(cls, dls): return cls(batch_normalize(dls))
+    @property
+    def identity(self) -> bool: return bool((self.mean == 0).all() and (self.std == 1).all())
     def to_pixels(self, x:torch.Tensor) -> torch.Tensor:
         "Pixels in [0, 1] of a batch as the loaders give it"
-        return x * self.std + self.mean if self.active else x
+        return x * self.std + self.mean
     def from_pixels(self, x:torch.Tensor) -> torch.Tensor:
         "The batch the loaders would give for pixels `x`"
-        return (x - self.mean) / self.std if self.active else x
+        return (x - self.mean) / self.std
     def forward(self, x): return self.from_pixels(x)
-    def extra_repr(self): return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}" if self.active else "identity"
+    def extra_repr(self): return "identity" if self.identity else f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 # %% ../nbs/06_interop.ipynb #829ee9ad
 def _first_batch(dls):
