@@ -368,11 +368,16 @@ class Benchmark:
         st = self.status()['runs']
         if getattr(self.args, 'list', False):
             print(md_table([dict(run=r, status=s) for r,s in st.items()])); return self.finished()
-        todo = [r for r in self._selected() if st[r] != 'done' or getattr(self.args, 'fresh', False)]
-        if todo:
+        if self._todo(st):
             with MachineLock(self.cache_root, self.name, wait=getattr(self.args, 'wait', False)):
-                for rid in todo: self._run_one(rid)
+                # what is left is decided under the lock: a runner queued with --wait behind another one running
+                # the same benchmark must not run again what that one finished while this one waited
+                for rid in self._todo(self.status()['runs']): self._run_one(rid)
         return self.finished()
+
+    def _todo(self, st:dict) -> list:
+        "The selected runs to make given their status `st`: those not done, or all of them with --fresh"
+        return [r for r in self._selected() if st[r] != 'done' or getattr(self.args, 'fresh', False)]
 
     def _run_one(self, rid:str):
         plan, d = self.plan[rid], self.cache_dir/rid

@@ -6,7 +6,7 @@ Docs: https://corsd-suite.github.io/corsd_suite/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #c8aa82a3
 from __future__ import annotations
-import os, math, pickle, importlib
+import os, io, math, pickle, importlib
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from fastcore.all import *
@@ -14,8 +14,8 @@ from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 
 # %% auto #0
-__all__ = ['DATASETS', 'UNSEEN_TRANSFORMS', 'ImageSet', 'check_nonempty', 'check_dls_nonempty', 'resize_images', 'digits',
-           'data_root', 'DataFileError', 'read_idx', 'load_dataset', 'balanced_idxs', 'CropFlip', 'TensorDL',
+__all__ = ['DATASETS', 'MAX_DATA_BYTES', 'UNSEEN_TRANSFORMS', 'ImageSet', 'check_nonempty', 'check_dls_nonempty', 'resize_images',
+           'digits', 'data_root', 'DataFileError', 'read_idx', 'load_dataset', 'balanced_idxs', 'CropFlip', 'TensorDL',
            'image_dls', 'digits_dls', 'dataset_dls', 'domain_pair', 'cluttered', 'gaussian_blur', 'unseen_transform',
            'unseen_suite']
 
@@ -147,9 +147,11 @@ def _bad(path, what): return DataFileError(f"{path}: {what}")
 
 def _check_labels(y, n_images:int, n_classes:int, path, what='labels'):
     "Raise a `DataFileError` naming `path` unless `y` has one integer label in `[0, n_classes)` per image"
-    y = np.asarray(y)
+    try: y = np.asarray(y)
+    except (ValueError, TypeError) as e: raise _bad(path, f"{what} are not a list of numbers ({e})") from e
     if n_images == 0: raise _bad(path, "holds no images (an empty split)")
     if y.ndim != 1 or len(y) != n_images: raise _bad(path, f"{len(y) if y.ndim else 0:,} {what} for {n_images:,} images")
+    if y.dtype.kind not in 'iuf': raise _bad(path, f"{what} are {y.dtype}, not integers")
     if y.dtype.kind == 'f' and not (y == np.round(y)).all(): raise _bad(path, f"{what} are not whole numbers")
     out = (y < 0) | (y >= n_classes)
     if out.any():
@@ -157,23 +159,41 @@ def _check_labels(y, n_images:int, n_classes:int, path, what='labels'):
         raise _bad(path, f"{int(out.sum()):,} {what} outside [0, {n_classes}) for {n_classes} classes (first: {y[i]} at index {i})")
     return torch.from_numpy(y.astype(np.int64))
 
+# %% ../nbs/01_data.ipynb #7a743667
+MAX_DATA_BYTES = 1 << 30   # the most bytes any one dataset file may declare (MNIST's largest file: 47 MB; a CIFAR-10 batch: 31 MB)
+
+def _check_declared(path, n:int, what:str, room:int|None=None, why:str='') -> int:
+    "Return `n`, or raise a `DataFileError` naming `path` when `what` declares more than `MAX_DATA_BYTES` or `room` bytes"
+    if n > MAX_DATA_BYTES:
+        raise _bad(path, f"{what} declares {n:,} bytes, more than MAX_DATA_BYTES = {MAX_DATA_BYTES:,} "
+                         "(corsd_suite.data.MAX_DATA_BYTES: no real dataset file read here comes near it)")
+    if room is not None and n > room: raise _bad(path, f"{what} declares {n:,} bytes, more than {why} ({room:,} bytes)")
+    return n
+
+def _file_size(path) -> int:
+    "The size of the file at `path` (`FileNotFoundError` when missing), checked against `MAX_DATA_BYTES` before it is read"
+    return _check_declared(path, Path(path).stat().st_size, 'the file')
+
 # %% ../nbs/01_data.ipynb #e1bcd8fb
 def read_idx(path # an idx file, e.g. `MNIST/raw/train-images-idx3-ubyte`
             ) -> np.ndarray:
     "Read an idx file (MNIST's format: 3 magic bytes, its number of dimensions, big-endian sizes, uint8 data), checking its length"
     path = Path(path)
-    buf = bytearray(path.read_bytes())                       # FileNotFoundError when missing
-    if len(buf) < 4 or buf[0] or buf[1] or buf[2] != 0x08 or not 1 <= buf[3] <= 4:
-        raise _bad(path, f"not an idx file of unsigned bytes: its magic number is {bytes(buf[:4]).hex() or 'missing'}, "
-                         "expected 000008 then the number of dimensions (01 for labels, 03 for images)")
-    nd = buf[3]; hdr = 4 + 4*nd
-    if len(buf) < hdr: raise _bad(path, f"truncated: {len(buf)} bytes, shorter than its {hdr}-byte header")
-    dims = [int(v) for v in np.frombuffer(buf, '>u4', nd, 4)]
-    need = hdr + math.prod(dims)
-    if len(buf) != need:
-        raise _bad(path, f"{'truncated' if len(buf) < need else 'longer than its header says'}: the header gives "
-                         f"{'×'.join(map(str, dims))} items ({need:,} bytes with the header) but the file has {len(buf):,} bytes")
-    return np.frombuffer(buf, np.uint8, offset=hdr).reshape(dims)
+    with open(path, 'rb') as f:                              # FileNotFoundError when missing
+        size, head = os.fstat(f.fileno()).st_size, f.read(4)
+        if len(head) < 4 or head[0] or head[1] or head[2] != 0x08 or not 1 <= head[3] <= 4:
+            raise _bad(path, f"not an idx file of unsigned bytes: its magic number is {head.hex() or 'missing'}, "
+                             "expected 000008 then the number of dimensions (01 for labels, 03 for images)")
+        nd = head[3]; hdr = 4 + 4*nd
+        if size < hdr: raise _bad(path, f"truncated: {size} bytes, shorter than its {hdr}-byte header")
+        dims = [int(v) for v in np.frombuffer(f.read(4*nd), '>u4')]
+        n = _check_declared(path, math.prod(dims), f"its header ({'×'.join(map(str, dims))} items of 1 byte)")
+        if size != hdr + n:                                  # checked before anything is allocated
+            raise _bad(path, f"{'truncated' if size < hdr + n else 'longer than its header says'}: the header gives "
+                             f"{'×'.join(map(str, dims))} items ({hdr + n:,} bytes with the header) but the file has {size:,} bytes")
+        buf = bytearray(n)
+        if f.readinto(buf) != n: raise _bad(path, "truncated while it was read (the file changed)")
+    return np.frombuffer(buf, np.uint8).reshape(dims)
 
 _IDX_FOLDERS = dict(mnist='MNIST', fashion_mnist='FashionMNIST')
 _IDX_CLASSES = dict(mnist=['0 - zero', '1 - one', '2 - two', '3 - three', '4 - four', '5 - five', '6 - six', '7 - seven', '8 - eight', '9 - nine'],
@@ -184,6 +204,8 @@ def _read_idx_split(key, folder:Path, train:bool):
     ip, lp = raw/f'{pre}-images-idx3-ubyte', raw/f'{pre}-labels-idx1-ubyte'
     x, y = read_idx(ip), read_idx(lp)
     if x.ndim != 3: raise _bad(ip, f"expected images (3 dimensions: count × rows × columns), its header gives {x.ndim}")
+    if not x.shape[1] or x.shape[1] != x.shape[2]:
+        raise _bad(ip, f"images of {x.shape[1]}×{x.shape[2]} pixels; {key} images are square, with nonzero sides (28×28)")
     if y.ndim != 1: raise _bad(lp, f"expected labels (1 dimension), its header gives {y.ndim}")
     y = _check_labels(y, len(x), 10, lp)
     return ImageSet(torch.from_numpy(x)[:,None], y, _IDX_CLASSES[key], key), [ip, lp]
@@ -194,80 +216,198 @@ _CIFAR_RECORD, _CIFAR_PER_FILE = 1 + 3*32*32, 10_000
 def _cifar_files(d:Path, train:bool, ext:str=''):
     return [d/f'data_batch_{i}{ext}' for i in range(1, 6)] if train else [d/f'test_batch{ext}']
 
+def _class_names(meta:Path) -> list:
+    "CIFAR-10's `batches.meta.txt`: 10 class names, one a line (a small text file, its size checked before it is read)"
+    if meta.stat().st_size > 1 << 16: raise _bad(meta, f"{meta.stat().st_size:,} bytes; 10 class names take a few hundred")
+    try: classes = [l.strip() for l in meta.read_text().splitlines() if l.strip()]
+    except UnicodeDecodeError as e: raise _bad(meta, f"not a text file of class names ({e})") from e
+    if len(classes) != 10: raise _bad(meta, f"expected 10 class names, one a line; found {len(classes)}")
+    return classes
+
 def _read_cifar_bin(folder:Path, train:bool):
     "CIFAR-10's official binary version: records of 1 label byte and 3×1,024 pixel bytes (R, G, B planes)"
     d = folder/'cifar-10-batches-bin'
     meta = d/'batches.meta.txt'
-    classes = [l.strip() for l in meta.read_text().splitlines() if l.strip()]
-    if len(classes) != 10: raise _bad(meta, f"expected 10 class names, one a line; found {len(classes)}")
+    classes, want = _class_names(meta), _CIFAR_RECORD*_CIFAR_PER_FILE
     xs, ys, files = [], [], _cifar_files(d, train, '.bin')
     for f in files:
-        buf = np.fromfile(f, np.uint8)
-        if len(buf) != _CIFAR_RECORD*_CIFAR_PER_FILE:
-            raise _bad(f, f"{len(buf):,} bytes; a CIFAR-10 batch holds {_CIFAR_PER_FILE:,} records of {_CIFAR_RECORD:,} bytes "
-                          f"(1 label + 3×32×32 pixels) = {_CIFAR_RECORD*_CIFAR_PER_FILE:,} bytes"
-                          + ('' if len(buf) % _CIFAR_RECORD else f" (this file: {len(buf)//_CIFAR_RECORD:,} whole records)"))
+        size = f.stat().st_size                               # checked before anything is read
+        if size != want:
+            raise _bad(f, f"{size:,} bytes; a CIFAR-10 batch holds {_CIFAR_PER_FILE:,} records of {_CIFAR_RECORD:,} bytes "
+                          f"(1 label + 3×32×32 pixels) = {want:,} bytes"
+                          + ('' if size % _CIFAR_RECORD else f" (this file: {size//_CIFAR_RECORD:,} whole records)"))
+        buf = np.fromfile(f, np.uint8, count=want)
+        if len(buf) != want: raise _bad(f, "truncated while it was read (the file changed)")
         r = buf.reshape(-1, _CIFAR_RECORD)
         ys.append(_check_labels(r[:,0], len(r), 10, f)); xs.append(r[:,1:].reshape(-1, 3, 32, 32))
     return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.cat(ys), classes, 'cifar10'), [*files, meta]
 
 # %% ../nbs/01_data.ipynb #e4ed40f6
-def _numpy_dtype(*args):
-    dt = np.dtype(*args)
-    if dt.hasobject: raise pickle.UnpicklingError("refusing a numpy array of Python objects")
+class _NDArrayToken:
+    "What the CIFAR unpickler hands out for `numpy.ndarray`: a marker that only its `_reconstruct` accepts (it builds nothing)"
+    __slots__ = ()
+_NDARRAY, _np_reconstruct = _NDArrayToken(), np.ndarray.__reduce__(np.zeros(0))[0]   # numpy's own array rebuilder
+
+def _plain_dtype(dt):
+    "`dt` if it is a plain numpy dtype of booleans, integers or floats (no objects, complex numbers, records or strings)"
+    if not isinstance(dt, np.dtype) or dt.kind not in 'biuf' or dt.hasobject or dt.names is not None or dt.subdtype is not None:
+        raise pickle.UnpicklingError(f"refusing an array of {dt!r}: a CIFAR batch holds arrays of numbers only")
     return dt
 
-def _codecs_encode(s, encoding='utf-8'):
-    if not isinstance(s, str) or encoding not in ('latin1', 'latin-1', 'utf-8', 'utf8', 'ascii'):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode({type(s).__name__}, {encoding!r})")
-    return s.encode(encoding)
+def _shape(shape) -> tuple:
+    "A pickled array shape: a tuple of at most 32 non-negative Python ints"
+    if type(shape) is int: shape = (shape,)
+    if type(shape) is not tuple or len(shape) > 32 or not all(type(s) is int and s >= 0 for s in shape):
+        raise pickle.UnpicklingError(f"refusing the array shape {shape!r}")
+    return shape
 
-class _ArraysOnly(pickle.Unpickler):
-    "Unpickle only numpy arrays (no object arrays), lists, dicts, strings and numbers: a pickled payload cannot run code"
+def _only(obj, kind, op:str):
+    if type(obj) is not kind:
+        raise pickle.UnpicklingError(f"refusing {op} on a {type(obj).__name__}: a CIFAR batch fills only the {kind.__name__}s it builds")
+    return obj
+
+def _op_setitem(u): v = u.stack.pop(); k = u.stack.pop(); _only(u.stack[-1], dict, 'SETITEM')[k] = v
+def _op_setitems(u):
+    items = u.pop_mark(); d = _only(u.stack[-1], dict, 'SETITEMS')
+    for i in range(0, len(items), 2): d[items[i]] = items[i+1]
+def _op_append(u): v = u.stack.pop(); _only(u.stack[-1], list, 'APPEND').append(v)
+def _op_appends(u): items = u.pop_mark(); _only(u.stack[-1], list, 'APPENDS').extend(items)
+def _op_additems(u): items = u.pop_mark(); _only(u.stack[-1], set, 'ADDITEMS').update(items)
+def _op_build(u): state = u.stack.pop(); u._build(u.stack[-1], state)
+def _op_ext(u): raise pickle.UnpicklingError("refusing a copyreg extension code: it would bypass find_class through a process-wide cache")
+
+# %% ../nbs/01_data.ipynb #3e6af3a9
+class _ArraysOnly(pickle._Unpickler):
+    """Unpickle numpy arrays of numbers, lists, dicts, strings and numbers, and nothing else. `find_class` hands out this
+    unpickler's own checking builders (never a package or numpy object a file could alter); BUILD reaches only the arrays
+    and dtypes they made, SETITEM(S)/APPEND(S) only dicts and lists; EXT codes are refused; every byte built counts
+    against `budget` before it is allocated. The pure-Python unpickler, so that these opcodes can be replaced."""
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _op_build, pickle.SETITEM[0]: _op_setitem,
+                pickle.SETITEMS[0]: _op_setitems, pickle.APPEND[0]: _op_append, pickle.APPENDS[0]: _op_appends,
+                pickle.ADDITEMS[0]: _op_additems, pickle.EXT1[0]: _op_ext, pickle.EXT2[0]: _op_ext, pickle.EXT4[0]: _op_ext}
+    def __init__(self, file, budget:int):
+        super().__init__(file, encoding='latin1')
+        self.budget, self.made = budget, {}                  # id -> array or dtype built here (kept, so ids stay unique)
     def find_class(self, module, name):
-        if name == '_reconstruct' and module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-            return np.ndarray.__reduce__(np.zeros(0))[0]          # numpy's own array rebuilder, whatever its module path
-        if (module, name) == ('numpy', 'ndarray'): return np.ndarray
-        if (module, name) == ('numpy', 'dtype'): return _numpy_dtype
-        if (module, name) == ('_codecs', 'encode'): return _codecs_encode   # how Python 3 writes bytes in protocol 2
+        if name == '_reconstruct' and module in ('numpy.core.multiarray', 'numpy._core.multiarray'): return self._reconstruct
+        if (module, name) == ('numpy', 'ndarray'): return _NDARRAY
+        if (module, name) == ('numpy', 'dtype'): return self._dtype
+        if (module, name) == ('_codecs', 'encode'): return self._encode   # how Python 3 writes bytes in protocol 2
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only arrays, lists and strings")
+    def _spend(self, n:int, what:str):
+        if n > self.budget:
+            raise pickle.UnpicklingError(f"{what} declares {n:,} bytes, more than the {self.budget:,} bytes left to this file "
+                                         "(4× its size, at most MAX_DATA_BYTES)")
+        self.budget -= n
+    def _keep(self, o): self.made[id(o)] = o; return o
+    def _encode(self, s, encoding='utf-8'):
+        if type(s) is not str or encoding not in ('latin1', 'latin-1', 'utf-8', 'utf8', 'ascii'):
+            raise pickle.UnpicklingError(f"refusing _codecs.encode({type(s).__name__}, {encoding!r})")
+        self._spend(len(s) * (1 if encoding in ('latin1', 'latin-1', 'ascii') else 4), 'a byte string')
+        return s.encode(encoding)
+    def _dtype(self, spec, align=False, copy=True):
+        "numpy.dtype(spec) as numpy pickles it, always a fresh copy (BUILD then sets its byte order)"
+        if type(spec) not in (str, bytes): raise pickle.UnpicklingError(f"refusing numpy.dtype({type(spec).__name__})")
+        return self._keep(_plain_dtype(np.dtype(spec, bool(align), True)))
+    def _reconstruct(self, cls, shape, dtype):
+        if cls is not _NDARRAY: raise pickle.UnpicklingError(f"refusing to rebuild a {type(cls).__name__} as an array")
+        if type(dtype) in (str, bytes): dtype = np.dtype(dtype)
+        elif self.made.get(id(dtype)) is not dtype: raise pickle.UnpicklingError(f"refusing the dtype {dtype!r}")
+        dt, shape = _plain_dtype(dtype), _shape(shape)
+        self._spend(math.prod(shape) * dt.itemsize, f"an array of shape {shape}")
+        return self._keep(_np_reconstruct(np.ndarray, shape, dt))
 
-def _unpickle_arrays(path:Path) -> dict:
-    with open(path, 'rb') as f:
-        try: return _ArraysOnly(f, encoding='latin1').load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-            raise _bad(path, f"not a readable CIFAR python batch ({type(e).__name__}: {e})") from e
+# %% ../nbs/01_data.ipynb #19a2ebfb
+@patch
+def _build(self:_ArraysOnly, inst, state):
+    "BUILD (`__setstate__`) on an array or dtype this unpickler made, its state checked first; refused on anything else"
+    if self.made.get(id(inst)) is not inst:
+        raise pickle.UnpicklingError(f"refusing to set the state of a {type(inst).__name__}: only arrays and dtypes built from this file")
+    if isinstance(inst, np.dtype):
+        if type(state) is not tuple or len(state) < 8 or any(s is not None for s in state[2:5]) or state[8:] not in ((), (None,)):
+            raise pickle.UnpicklingError(f"refusing the dtype state {state!r}: plain numbers only")
+        inst.__setstate__(state); _plain_dtype(inst)
+        return
+    if type(state) is not tuple or len(state) not in (4, 5): raise pickle.UnpicklingError("refusing an array state that is not numpy's")
+    shape, dt, fortran, raw = state[-4:]
+    shape, dt = _shape(shape), _plain_dtype(dt)
+    if type(fortran) not in (bool, int) or type(raw) not in (bytes, bytearray, str):
+        raise pickle.UnpicklingError(f"refusing an array whose data is a {type(raw).__name__}")
+    n = math.prod(shape) * dt.itemsize
+    self._spend(n, f"an array of shape {shape}")
+    if len(raw) != n: raise pickle.UnpicklingError(f"an array of shape {shape} and dtype {dt} needs {n:,} bytes of data, the file gives {len(raw):,}")
+    inst.__setstate__((state[0], shape, dt, fortran, raw) if len(state) == 5 else (shape, dt, fortran, raw))
+
+# %% ../nbs/01_data.ipynb #81067916
+def _unpickle_arrays(path:Path):
+    "What the pickle at `path` holds, built by `_ArraysOnly` from the file read into memory (its size checked first)"
+    size = _file_size(path)                                  # FileNotFoundError when missing
+    with open(path, 'rb') as f: data = f.read(size)          # no more than was checked, should the file grow
+    try: return _ArraysOnly(io.BytesIO(data), min(MAX_DATA_BYTES, 4*size + (1 << 20))).load()
+    except Exception as e: raise _bad(path, f"not a readable CIFAR python batch ({type(e).__name__}: {e})") from e
+
+def _pickled_dict(path:Path) -> dict:
+    b = _unpickle_arrays(path)
+    if type(b) is not dict: raise _bad(path, f"holds a {type(b).__name__}; a CIFAR-10 python file holds a dict")
+    return b
 
 def _read_cifar_py(folder:Path, train:bool):
     "torchvision's CIFAR-10 python version, read without running any code the files could hold"
     d = folder/'cifar-10-batches-py'
     meta = d/'batches.meta'
-    classes = list(_unpickle_arrays(meta).get('label_names', []))
-    if len(classes) != 10: raise _bad(meta, f"expected 10 'label_names', found {len(classes)}")
+    names = _pickled_dict(meta).get('label_names', [])
+    classes = list(names) if type(names) in (list, tuple) else []
+    if len(classes) != 10 or not all(type(c) is str for c in classes):
+        raise _bad(meta, f"expected 10 'label_names' (strings), found {len(classes) or type(names).__name__}")
     xs, ys, files = [], [], _cifar_files(d, train)
     for f in files:
-        b = _unpickle_arrays(f)
-        x = np.asarray(b.get('data', np.zeros((0,))))
-        if x.dtype != np.uint8 or x.shape != (_CIFAR_PER_FILE, 3*32*32):
-            raise _bad(f, f"'data' is {x.dtype} {x.shape}; a CIFAR-10 batch holds uint8 ({_CIFAR_PER_FILE}, 3072)")
+        b = _pickled_dict(f)
+        x = b.get('data')
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.shape != (_CIFAR_PER_FILE, 3*32*32):
+            desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else f"a {type(x).__name__}"
+            raise _bad(f, f"'data' is {desc}; a CIFAR-10 batch holds uint8 ({_CIFAR_PER_FILE}, 3072)")
         ys.append(_check_labels(b.get('labels', []), len(x), 10, f)); xs.append(x.reshape(-1, 3, 32, 32))
     return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.cat(ys), classes, 'cifar10'), [*files, meta]
 
-# %% ../nbs/01_data.ipynb #14e42b0d
+# %% ../nbs/01_data.ipynb #88e5e3ab
+_H5_MAX_RATIO = 1100   # deflate (HDF5's gzip) never expands data more than ~1,032×
+
+def _h5_dataset(path:Path, f, key:str, kinds:str, size:int, split:str):
+    "Dataset `key` of the open h5py file `f`, its dtype and declared size checked (nothing is read): `size` is the file's"
+    import h5py
+    d = f.get(key)
+    if not isinstance(d, h5py.Dataset): raise _bad(path, f"has no '{key}' dataset (it needs '{split}/data' and '{split}/target')")
+    dt, shape = d.dtype, d.shape
+    if dt.kind not in kinds or dt.names is not None or dt.subdtype is not None:
+        raise _bad(path, f"'{key}' holds {dt}; expected {'real floating-point pixels' if kinds == 'f' else 'integer labels'}")
+    if shape is None: raise _bad(path, f"'{key}' is empty (a null dataspace)")
+    if d.external or d.is_virtual: raise _bad(path, f"'{key}' keeps its data outside this file (external or virtual storage)")
+    declared = max(math.prod(shape), math.prod(d.chunks or (0,))) * dt.itemsize
+    if d.id.get_create_plist().get_nfilters():              # compressed: bounded by what deflate can expand
+        room, why = _H5_MAX_RATIO*size, f"{_H5_MAX_RATIO}× this {size:,}-byte file (no compression shrinks data more)"
+    else: room, why = size, f"this {size:,}-byte file"
+    _check_declared(path, declared, f"'{key}' ({'×'.join(map(str, shape))} {dt}{', chunks of '+'×'.join(map(str, d.chunks)) if d.chunks else ''})", room, why)
+    return d
+
 def _read_usps_h5(path:Path, train:bool):
     "USPS as `usps.h5` (ESL's zip.train/zip.test rescaled to [0, 1]): `train|test/data` N×256 and `train|test/target`"
     import h5py
-    split = 'train' if train else 'test'
+    split, size = 'train' if train else 'test', _file_size(path)
     try:
-        with h5py.File(path, 'r') as f: x, y = np.asarray(f[split]['data']), np.asarray(f[split]['target'])
-    except KeyError as e: raise _bad(path, f"has no '{split}/data' and '{split}/target' datasets") from e
-    except OSError as e: raise _bad(path, f"not a readable HDF5 file ({e})") from e
-    if x.ndim != 2 or x.shape[1] != 256: raise _bad(path, f"'{split}/data' has shape {x.shape}; expected (N, 256), 16×16 images")
+        with h5py.File(path, 'r') as f:
+            xd, yd = _h5_dataset(path, f, f'{split}/data', 'f', size, split), _h5_dataset(path, f, f'{split}/target', 'iuf', size, split)
+            if len(xd.shape) != 2 or xd.shape[1] != 256: raise _bad(path, f"'{split}/data' has shape {xd.shape}; expected (N, 256), 16×16 images")
+            if len(yd.shape) != 1 or yd.shape[0] != xd.shape[0]:
+                raise _bad(path, f"'{split}/target' has shape {yd.shape}: not one label for each of the {xd.shape[0]:,} images")
+            x, y = xd[()], yd[()]
+    except DataFileError: raise
+    except Exception as e: raise _bad(path, f"not a readable HDF5 file ({type(e).__name__}: {e})") from e
     y = _check_labels(y, len(x), 10, path, f"'{split}/target' labels")
     if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1: raise _bad(path, f"'{split}/data' has values outside [0, 1]")
     x = torch.from_numpy(np.rint(x*255).astype(np.uint8).reshape(-1, 1, 16, 16))
     return ImageSet(x, y, [str(i) for i in range(10)], 'usps'), [path]
 
+# %% ../nbs/01_data.ipynb #14e42b0d
 def _tv_dataset(name, root, train, download):
     import torchvision.datasets as tvd
     if name=='mnist': return tvd.MNIST(root, train=train, download=download)

@@ -259,6 +259,34 @@ def test_lock_refuses_then_waits(tmp_path):
     finally:
         if p.poll() is None: p.kill(); p.wait()
 
+OTHER_RUNNER = """
+import sys; sys.path.insert(0, {bench!r}); import runner
+def slow(ctx):            # holds the machine lock until the test says go
+    print('running', flush=True); sys.stdin.readline(); return dict(x='made by the other runner')
+b = runner.Benchmark('t', runner.runner_args(cache={cache!r}, device='cpu', keep_denormals=True), results={results!r})
+b.add(slow, 'a', x=1); b.run()
+"""
+
+def test_wait_skips_runs_finished_while_waiting(tmp_path):
+    "A runner queued with --wait decides what is left once it holds the lock: a run the lock holder finished meanwhile is not made again"
+    code = OTHER_RUNNER.format(bench=str(BENCH), cache=str(tmp_path/'cache'), results=str(tmp_path/'results'))
+    p = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = iter(lambda: p.stdout.readline().strip() or 'exited', 'exited')   # its output lines until it exits
+        assert 'running' in lines                                   # it holds the lock, run 'a' unfinished
+        b = bench(tmp_path, wait=True); b.add(quick, 'a', x=1); b.add(quick, 'b', x=2)
+        assert b.status()['runs'] == dict(a='missing', b='missing')
+        threading.Timer(1., lambda: (p.stdin.write('go\n'), p.stdin.flush())).start()
+        CALLS.clear(); runs = b.run()                               # waits for the lock, then makes only 'b'
+        assert p.wait(60) == 0
+    finally:
+        if p.poll() is None: p.kill(); p.wait()
+    assert CALLS == ['b'], CALLS
+    a = json.loads((tmp_path/'results'/'runs'/'t'/'a.json').read_text())
+    assert a['result'] == runs['a']['result'] == dict(x='made by the other runner')
+    assert a['resumed'] == 0 and len(a['segments']) == 1            # not reloaded and rewritten as a resumed run
+    assert runs['b']['result'] == dict(x=4) and b.status()['runs'] == dict(a='done', b='done')
+
 def test_truncated_checkpoint_is_refused(tmp_path):
     b = bench(tmp_path); b.add(train_one, 'r', arch='lenet5', epochs=2)
     INTERRUPT['stage'] = 'train'
