@@ -213,6 +213,7 @@ def _key(name:str) -> str: return name.replace('.', '_')
 
 class _State(nn.Module):
     "Buffers of a method's state, attached to the model it constrains (identity forward: harmless inside `nn.Sequential`)"
+    training_only = True   # `interop.deployable` leaves it (and its hooks) out of the network to ship
     def forward(self, x): return x
     def _buf(self, kind:str, name:str) -> torch.Tensor: return getattr(self, f'{kind}_{_key(name)}')
     def _set(self, kind:str, name:str, v): self._buf(kind, name).copy_(v)
@@ -224,6 +225,7 @@ def _check_names(names):
 def _attach(model:nn.Module, attr:str, state:_State) -> _State:
     "Put `state` on the unwrapped `model` as `attr` (replacing another method run's state) and keep DDP from syncing it"
     root = unwrap(model)
+    state.__dict__['_owner'] = root   # the model whose weights the state governs (a plain attribute: no submodule cycle)
     if getattr(root, attr, None) is not state:
         old = root._modules.pop(attr, None)
         for k, h in list(root._forward_pre_hooks.items()):   # the replaced state's hook goes with it
@@ -411,6 +413,24 @@ class ADMMCallback(_ModelStateCallback):
     @property
     def history(self) -> list: return self.residuals().to_dict('records')
 
+# %% ../nbs/40_admm.ipynb #ee485341
+def _kept(mask:torch.Tensor, t:Target):
+    "(kept, total, unit) of `mask` in the units `t` prunes: weights, or whole filters/channels/columns"
+    if t.kind == 'unstructured': return int(mask.sum()), mask.numel(), 'weights'
+    g = group_matrix(mask, t.kind)
+    return int(g.any(1).sum()), g.shape[0], f'{t.kind}s'
+
+def _mask_mismatch(name:str, mask:torch.Tensor, t:Target) -> str|None:
+    "Why `mask` is not a support that target `t` keeps (kept count or partial groups), or None when it is one"
+    if not t.prunes: return None                       # quantization only: the mask is the nonzeros, any count
+    kept, total, unit = _kept(mask, t)
+    if t.kind != 'unstructured' and not torch.equal(group_matrix(mask, t.kind).all(1), group_matrix(mask, t.kind).any(1)):
+        return f"the mask of layer {name!r} keeps parts of {unit}; its target ({t}) keeps whole ones"
+    want = _n_keep(total, t.keep, t.rate, unit)
+    if kept == want: return None
+    return (f"the mask of layer {name!r} keeps {kept:,} of {total:,} {unit} (pruning rate {1 - kept / total:.4g}), "
+            f"its target keeps {want:,} (pruning rate {1 - want / total:.4g})")
+
 # %% ../nbs/40_admm.ipynb #8445f9d9
 class HardPruneState(_State):
     "Masked retraining's state as buffers: the mask of every layer and, for quantized layers, latent weights and interval q"
@@ -429,6 +449,34 @@ class HardPruneState(_State):
         "Forward pre-hook on the model: weights an optimizer step left unmasked (a Ctrl-C before `after_step`) are put back first"
         if self.dirty: HardPrune(root, self.targets, self).enforce()
 
+    def mismatch(self, masks:dict|None=None # {layer name: mask}; None: this state's own
+                ) -> list:
+        "Why `masks` ({layer name: mask}; default: this state's) do not fit this state's targets, one line per layer"
+        masks = {n: self._buf('mask', n) for n in self.names} if masks is None else masks
+        return [why for n in self.names if isinstance(m := masks.get(n), torch.Tensor) and m.shape == self._buf('mask', n).shape
+                and (why := _mask_mismatch(n, m, self.targets[n]))]
+
+    def check_masks(self, masks:dict|None=None, # {layer name: mask}; None: this state's own
+                    what:str='the pruning state'): # what the masks are, for the message
+        "Raise a `ValueError` naming the kept counts and rates of both sides when `masks` do not fit the targets"
+        if bad := self.mismatch(masks):
+            raise ValueError(f"{what} does not match the learner's targets: {'; '.join(bad)}. Load it into a learner "
+                             f"pruning to the same targets, or prune afresh (a new `HardPruneCallback` fixes new masks)")
+
+    def _load_from_state_dict(self, sd, prefix, *args, **kwargs):
+        "Refuse fixed masks of other targets; once loaded, put the model's weights on the masks at once"
+        r = sd.get(prefix + 'ready')
+        if isinstance(r, torch.Tensor) and r.numel() == 1 and bool(r):
+            self.check_masks({n: sd.get(prefix + f'mask_{_key(n)}') for n in self.names}, 'the loaded pruning state')
+        super()._load_from_state_dict(sd, prefix, *args, **kwargs)
+        if bool(self.ready): self.dirty = True; self.settle()
+
+    def settle(self):
+        "Put the weights of the model this state is on (see `_attach`) on their masks now; a no-op before masks are fixed"
+        root = self.__dict__.get('_owner')
+        if root is not None and any(o is self for o in root._modules.values()): _settle(root)
+
+# %% ../nbs/40_admm.ipynb #3054336d
 class HardPrune:
     "Plain-torch masked retraining: fix masks (and levels) from Π(W), mask gradients, put weights back on them"
     def __init__(self, model:nn.Module, # the model (its constrained layers are found by name)
@@ -441,7 +489,7 @@ class HardPrune:
     def fix(self):
         "Fix masks and intervals from the projection of the current weights (once: a loaded state is kept)"
         s = self.state
-        if s.ready: return
+        if s.ready: return s.check_masks(what='the pruning state on this model')   # fixed for these targets, or refused
         for n, (m, t) in self.layers.items():
             s._set('mask', n, t.mask(m.weight))
             if t.bits is not None:
@@ -471,14 +519,22 @@ class HardPrune:
                 m.weight.copy_(quantize_to(lat, q, t.bits) * mask)
 
     def check(self) -> bool:
-        "True when every constrained layer satisfies its mask and levels"
+        "True when every mask fits its layer's target and every constrained layer satisfies its mask and levels"
         s = self.state
         for n, (m, t) in self.layers.items():
             w, mask = m.weight.detach(), s._buf('mask', n)
+            if s.ready and _mask_mismatch(n, mask, t): return False
             if (w[~mask] != 0).any(): return False
             if t.bits is not None and not torch.equal(w, quantize_to(w, float(s._buf('q', n)), t.bits) * mask): return False
         return True
 
+def _settle(model:nn.Module):
+    "Put the weights of `model` on the masks of its pruning state (if it has fixed ones): before they are read or written out"
+    root = unwrap(model)
+    for o in list(root._modules.values()):
+        if isinstance(o, HardPruneState) and bool(o.ready): HardPrune(root, o.targets, o).enforce()
+
+# %% ../nbs/40_admm.ipynb #7b2ff2e5
 class HardPruneCallback(_ModelStateCallback):
     "Masked retraining: masks and quantization levels fixed from Π(W), imposed on grads and weights every step"
     order, run_valid, _attr = 65, False, 'hard_prune'
@@ -528,12 +584,21 @@ def relative_index_entries(mask:torch.Tensor, # boolean mask of the kept weights
                            p:int # bits of one relative-index gap
                           ) -> int:
     "Entries (nonzeros + filler zeros) stored by relative indexing with `p`-bit gaps"
+    return _entries(*_long_gaps(mask), p)
+
+def _long_gaps(mask:torch.Tensor):
+    "(number of nonzeros, the gaps between consecutive nonzeros longer than 2: the only ones that can need fillers)"
+    if bool(mask.all()): return mask.numel(), torch.zeros(0, dtype=torch.double)   # dense: every gap is 1
     pos = mask.flatten().nonzero().flatten().double()
-    if pos.numel() == 0: return 0
     gaps = torch.diff(pos, prepend=torch.tensor([-1.], dtype=torch.double))
-    return int(pos.numel() + (torch.ceil(gaps / 2**p) - 1).clamp_min(0).sum())
+    return pos.numel(), gaps[gaps > 2]
+
+def _entries(nnz:int, gaps:torch.Tensor, p:int) -> int:
+    return int(nnz + (torch.ceil(gaps / 2**p) - 1).clamp_min(0).sum()) if nnz else 0
 
 def _levels(w):
+    "Distinct values of `w`, or None above 256 (a float layer: its first 4096 entries already tell, without sorting it all)"
+    if w.numel() > 4096 and len(w.flatten()[:4096].unique()) > 256: return None
     u = w.unique()
     return len(u) if len(u) <= 256 else None
 
@@ -552,9 +617,9 @@ def _out_positions(model, input_shape):
         for h in hooks: h.remove()
     return pos
 
-def _sparse_bits(mask, nnz, Lnz, p):
-    "(bits, value bits) of relative indexing with `p`-bit gaps: filler entries need a value code of their own"
-    e = relative_index_entries(mask, p)
+def _sparse_bits(gaps, nnz, Lnz, p):
+    "(bits, value bits) of relative indexing with `p`-bit gaps (`gaps`: from `_long_gaps`): filler entries need a value code of their own"
+    e = _entries(nnz, gaps, p)
     vb = 32 if Lnz is None else _value_bits(Lnz + (e > nnz))
     return e * (vb + p), vb
 
@@ -569,7 +634,8 @@ def layer_storage(w:torch.Tensor, # one conv/linear weight tensor
     book = 0 if L is None else 32 * L
     dense_bits = n * _value_bits(L) + book
     ps = [index_bits] if index_bits else range(1, 17)
-    sparse_bits, vb, p = min((*_sparse_bits(mask, nnz, Lnz, p), p) for p in ps)
+    gaps = _long_gaps(mask)[1]   # once for every p
+    sparse_bits, vb, p = min((*_sparse_bits(gaps, nnz, Lnz, p), p) for p in ps)
     sparse_bits += book
     g = mask.flatten(1)
     rows, cols = g.any(1), g.any(0)
@@ -577,7 +643,7 @@ def layer_storage(w:torch.Tensor, # one conv/linear weight tensor
     struct_bits = block * _value_bits(L) + g.shape[0] + g.shape[1] + book
     fmt = min([('dense', dense_bits), ('sparse', sparse_bits), ('structured', struct_bits)], key=lambda o: o[1])
     return dict(weights=n, kept=nnz, levels=L, value_bits=vb if fmt[0] == 'sparse' else _value_bits(L),
-                index_bits=p if fmt[0] == 'sparse' else 0, filler=relative_index_entries(mask, p) - nnz if fmt[0] == 'sparse' else 0,
+                index_bits=p if fmt[0] == 'sparse' else 0, filler=_entries(nnz, gaps, p) - nnz if fmt[0] == 'sparse' else 0,
                 format=fmt[0], bits=fmt[1], dense_bits=dense_bits, sparse_bits=sparse_bits, structured_bits=struct_bits,
                 block=block, filters_kept=int(rows.sum()), columns_kept=int(cols.sum()))
 
@@ -601,6 +667,7 @@ def compression_report(model:nn.Module, # the (pruned, quantized) model
                        others:bool=True # add a row 'other' for biases, norms and buffers (stored as they are)
                       ) -> pd.DataFrame:
     "Per layer and total: kept weights, pruning rate, bits, index overhead, storage vs dense fp32, MACs"
+    _settle(model)   # weights on their pruning masks first
     pos, rows = _out_positions(model, input_shape), []
     for n, m in weight_layers(model).items():
         r = dict(layer=(names or {}).get(n, n), shape=tuple(m.weight.shape), **layer_storage(m.weight, index_bits))
@@ -636,6 +703,7 @@ def export_compressed(model:nn.Module, # the trained model
                      ) -> Path:
     "Save the (projected) weights of `model` as a plain state dict with its compression report"
     m = unwrap(model)
+    _settle(m)
     if targets: apply_targets(m, targets)
     sd = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in plain_state_dict(m).items()}
     rep = _plain(compression_report(m, input_shape).to_dict("records"), "compression report")   # numbers, not numpy objects
@@ -662,11 +730,14 @@ _DTYPES = {str(d).removeprefix('torch.'): d for d in (torch.float32, torch.float
 def _pack(codes:np.ndarray, bits:int) -> bytes:
     "Unsigned integer `codes` packed at `bits` bits each (little-endian bit order, the last byte zero-padded)"
     c = np.asarray(codes, dtype=np.uint64).reshape(-1)
-    b = ((c[:, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
-    return np.packbits(b.reshape(-1), bitorder='little').tobytes()
+    if bits in (8, 16, 32): return c.astype(f'<u{bits // 8}').tobytes()   # whole bytes: the same bits, little-endian
+    step = 1 << 20                                                     # codes per chunk (a multiple of 8: whole bytes)
+    return b''.join(np.packbits(((c[i:i + step, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8).reshape(-1),
+                                bitorder='little').tobytes() for i in range(0, len(c), step)) if len(c) else b''
 
 def _unpack(buf:bytes, n:int, bits:int) -> np.ndarray:
     "Inverse of `_pack`: `n` codes of `bits` bits"
+    if bits in (8, 16, 32): return np.frombuffer(buf, f'<u{bits // 8}', count=n).astype(np.uint64)
     b = np.unpackbits(np.frombuffer(buf, np.uint8), bitorder='little')[:n * bits].reshape(n, bits).astype(np.uint64)
     return (b << np.arange(bits, dtype=np.uint64)).sum(1)
 
@@ -779,12 +850,13 @@ def compressed_bytes(model:nn.Module, # the (pruned, quantized) model
                     ) -> list:
     "The sections of the compressed format of `model`: [(header entry, byte sections)] for every tensor of its plain state dict"
     m, res = unwrap(model), []
+    _settle(m)   # weights on their pruning masks first
     wk = _weight_keys(m)
     for k, v in plain_state_dict(m).items():
         v = v.detach().cpu()
         if str(v.dtype).removeprefix('torch.') not in _DTYPES: raise TypeError(f"tensor {k} has dtype {v.dtype}, which the compressed format does not store")
         if k in wk: h, secs = _encode_weight(v, index_bits)
-        else: h, secs = dict(enc='raw'), [v.contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b'']
+        else: h, secs = dict(enc='raw'), [v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b'']   # 0-dim too
         h.update(name=k, shape=list(v.shape), dtype=str(v.dtype).removeprefix('torch.'))
         res.append((h, secs))
     return res
@@ -932,6 +1004,7 @@ def magnitude_prune(learn, # the learner to prune (the callback is registered on
 def plain_copy(model:nn.Module # the model to copy
               ) -> nn.Module:
     "A deep copy of `model` without the ADMM and pruning state modules (and their hooks): the plain architecture"
+    _settle(model)   # its weights on their pruning masks first
     m = copy.deepcopy(unwrap(model))
     for name, o in list(m._modules.items()):
         if isinstance(o, _State):

@@ -227,6 +227,60 @@ def test_admm_prune_interrupted_leaves_masks():
         with pytest.raises(KeyboardInterrupt): magnitude_prune(learn, QTG, epochs=2)
     assert _cb(learn, HardPruneCallback).check()        # admm_prune/magnitude_prune re-mask in a finally
 
+# Masks are state (issue 38, item 4): put back before the weights are written out or read, on load; other targets refused
+def _cut_after_step():
+    "A learner whose first masked step was cut by Ctrl-C before the re-masking: the momentum of dense training moved pruned weights"
+    learn = _small(); _fit(learn)                          # dense training: the optimizer has momentum on every weight
+    hard = HardPruneCallback(TG); learn.add_cb(hard)
+    with pytest.raises(KeyboardInterrupt): _fit(learn, 1, 3e-3, cbs=RaiseAt('after_step', KeyboardInterrupt, order=-20))
+    w = learn.model.head[1].weight
+    kept = int(hard.masks['head.1'].sum())
+    assert kept == 1_250 and int((w != 0).sum()) > 10 * kept   # off the masks: nothing re-masked them yet
+    return learn, hard
+
+def test_save_compressed_puts_masks_back_first(tmp_path):
+    from corsd_suite.admm import save_compressed, read_compressed
+    learn, hard = _cut_after_step()
+    f = save_compressed(learn.model, tmp_path/'m.czip')    # no forward pass in between
+    w = read_compressed(f)['head.1.weight']
+    assert torch.equal(w != 0, hard.masks['head.1']) and hard.check()
+    rep = compression_report(learn.model, input_shape=(1, 16, 16)).iloc[-1]
+    assert rep['bytes'] <= f.stat().st_size <= 1.05 * rep['bytes'] < rep['dense_fp32_bytes'] / 5   # the sparse size, not the dense
+
+def test_compression_report_puts_masks_back_first():
+    "A plain-torch step on a pruned model (no fastai event, no dirty flag) regrows pruned weights: the report counts the masks"
+    learn = _small(); _fit(learn)
+    with learn.no_bar(), learn.no_logging(): hard = magnitude_prune(learn, TG, epochs=1)
+    opt = torch.optim.SGD(learn.model.parameters(), lr=0.1)
+    x, y = learn.dls.one_batch()
+    torch.nn.functional.cross_entropy(learn.model(x), y).backward(); opt.step()
+    assert not hard.check()
+    rep = compression_report(learn.model, input_shape=(1, 16, 16)).set_index('layer')
+    for n, m in hard.masks.items(): assert rep.loc[n, 'kept'] == int(m.sum()), n
+    assert hard.check()
+
+def test_load_puts_masks_back(tmp_path):
+    "A model saved between a step and its re-masking loads (learn.load, load_checkpoint) with its weights on the masks"
+    learn, hard = _cut_after_step()
+    learn.path, learn.model_dir = tmp_path, 'models'; learn.save('cut')
+    save_checkpoint(learn, tmp_path/'cut.ckpt')
+    for load in (lambda l: l.load('cut'), lambda l: load_checkpoint(l, tmp_path/'cut.ckpt')):
+        new = _small([HardPruneCallback(TG)], seed=3); new.path, new.model_dir = tmp_path, 'models'
+        load(new)
+        h = _cb(new, HardPruneCallback)
+        assert h.check() and torch.equal(new.model.head[1].weight != 0, hard.masks['head.1'])
+
+def test_masks_of_other_targets_refused(tmp_path):
+    "Masks fixed for keep 50% do not load into a learner pruning to keep 5%: refused, naming both rates"
+    half = _small([HardPruneCallback(lenet5_targets(keep=dict(fc1=.5)))]); _fit(half)
+    half.path, half.model_dir = tmp_path, 'models'; half.save('half')
+    save_checkpoint(half, tmp_path/'half.ckpt')
+    msg = r"head\.1.*12,500 of 25,000 weights \(pruning rate 0\.5\).*1,250 \(pruning rate 0\.95\)"
+    for load in (lambda l: l.load('half'), lambda l: load_checkpoint(l, tmp_path/'half.ckpt')):
+        new = _small([HardPruneCallback(TG)], seed=3); new.path, new.model_dir = tmp_path, 'models'
+        with pytest.raises(ValueError, match=msg): load(new)
+        assert not bool(new.model.hard_prune.ready)        # the state was not taken
+
 def test_checkpoint_refusals(tmp_path):
     "A stale, truncated or mismatched checkpoint is refused with its name, before anything is overwritten"
     plain = _small(); _fit(plain)
