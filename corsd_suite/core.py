@@ -75,12 +75,30 @@ def unwrap(m:nn.Module, # a model, possibly held as `.module` by DDP, `DataParal
     return m
 
 # %% ../nbs/00_core.ipynb #1eadd391
+def _named_holder(m:nn.Module, names:list) -> nn.Module:
+    "`m`, or the first module inside its `.module` wrappers, that has a submodule called each of `names`"
+    while True:
+        mods = dict(m.named_modules())
+        bad = [n for n in names if not isinstance(n, str) or n == '' or n not in mods]
+        if not bad: return m
+        inner = getattr(m, 'module', None)
+        if not isinstance(inner, nn.Module):
+            raise AttributeError(f"{type(m).__name__} has no module {bad[0]!r} (stages are named as `model.get_submodule` names them); "
+                                 f"its top-level modules are {list(dict(m.named_children()))[:12]}")
+        m = inner
+
 def get_stages(m:nn.Module, # a zoo model (or any with a `stages` ModuleList), wrapped or not
+               names:list|None=None, # the stage modules' names in `m` (e.g. `['layer1', 'layer2']`), shallow first; None: `m.stages`
               ) -> list:
-    "The ordered stages of a zoo model (also through fastai/DDP wrappers that hold it as `.module`)"
+    "The ordered stages of a zoo model, or the modules called `names` of any model (also through fastai/DDP `.module` wrappers)"
+    if names is not None:
+        names = [names] if isinstance(names, str) else list(names)
+        m = _named_holder(m, names)
+        return [m.get_submodule(n) for n in names]
     m = unwrap(m, 'stages')
     if not hasattr(m, 'stages'):
-        raise AttributeError(f"{type(m).__name__} has no `stages`: build it with `corsd_suite.models` or give it a `stages` ModuleList")
+        raise AttributeError(f"{type(m).__name__} has no `stages`: build it with `corsd_suite.models`, give it a `stages` ModuleList, "
+                             f"or name its stage modules (`names=['layer1', ...]`)")
     return list(m.stages)
 
 # %% ../nbs/00_core.ipynb #0e881e6c
@@ -88,8 +106,9 @@ class StageHooks:
     "Record the outputs of every stage of `m` while active (kept in the graph unless `detach`); use as a context manager"
     def __init__(self, m:nn.Module, # the model whose stages are hooked (see `get_stages`)
                  detach:bool=False, # store detached outputs (the default keeps them in the graph, so losses on them train the body)
+                 names:list|None=None, # the stage modules' names in `m`; None: its `stages`
                 ):
-        self.hooks = hook_outputs(get_stages(m), detach=detach, cpu=False)
+        self.hooks = hook_outputs(get_stages(m, names), detach=detach, cpu=False)
     @property
     def stored(self) -> list: return self.hooks.stored
     def remove(self): self.hooks.remove()
@@ -99,9 +118,10 @@ class StageHooks:
 # %% ../nbs/00_core.ipynb #fa318d04
 def stage_features(m:nn.Module, # a model with stages (see `get_stages`)
                    x:torch.Tensor, # the input batch
+                   names:list|None=None, # the stage modules' names in `m`; None: its `stages`
                   ):
     "Run `m` on `x` and return its output and the list of stage outputs"
-    with StageHooks(m) as h:
+    with StageHooks(m, names=names) as h:
         out = m(x)
         return out, list(h.stored)
 

@@ -11,7 +11,8 @@ import torch, torch.nn.functional as F
 from torch import nn
 from fastcore.all import *
 from fastai.learner import Learner, Metric, ValueMetric, Callback
-from fastai.data.core import DataLoaders
+from fastai.data.core import DataLoaders, TfmdDL
+from fastai.torch_core import num_distrib
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 import fastai.callback.schedule  # fit_one_cycle
@@ -19,11 +20,12 @@ from .core import unwrap, get_stages, stage_features, check_finite, check_images
 from .data import TensorDL, check_dls_nonempty
 from .models import get_model
 from .evaluate import eval_mode, evaluate_accuracy
+from .interop import data_spec, dl_labels, find_stages, model_for
 
 # %% auto #0
 __all__ = ['BYOT_WEIGHTS', 'CORSD_WEIGHTS', 'check_hyper', 'triplet_tables', 'triplet_idxs', 'check_triplets', 'TripletDL',
-           'triplet_dls', 'SepConv', 'sep_trunk', 'init_cnn_', 'RelationNet', 'PrototypeNet', 'BYOTExit',
-           'stage_shapes', 'MultiExitNet', 'exit_outputs', 'multi_exit', 'soft_ce', 'target_ce', 'BYOTLoss',
+           'TripletTfmdDL', 'triplet_dls', 'SepConv', 'sep_trunk', 'init_cnn_', 'RelationNet', 'PrototypeNet',
+           'BYOTExit', 'stage_shapes', 'MultiExitNet', 'exit_outputs', 'multi_exit', 'soft_ce', 'target_ce', 'BYOTLoss',
            'pair_outputs', 'CORSDLoss', 'proto_term', 'exit_accuracies', 'relation_scores', 'ExitAccuracy', 'LossTerm',
            'SelfDistillCallback', 'BYOTCallback', 'CORSDCallback', 'exit_metrics', 'byot_learner', 'corsd_learner',
            'exit_learner', 'corsd_row']
@@ -101,15 +103,49 @@ class TripletDL(TensorDL):
         "Loaders derived from this one (e.g. for predictions) are plain `TensorDL`s over the same images"
         return super().new(dataset, cls or TensorDL, **kwargs)
 
-def triplet_dls(dls:DataLoaders, # fastai `DataLoaders` made by `image_dls` (a `TensorDL` for training)
+# %% ../nbs/10_corsd.ipynb #51926aa6
+class TripletTfmdDL(TfmdDL):
+    "A fastai `TfmdDL` of triplet batches `[a0,p0,n0,a1,...]`: one pass over the anchors per epoch, `bs` = 3 images per anchor"
+    def __init__(self, dataset=None, # fastai `Datasets` of (image, class) with at least 2 classes of at least 2 items
+                 bs:int=63, # images per batch: 3 per anchor
+                 **kwargs): # passed to `TfmdDL`: `shuffle`, `drop_last`, the item and batch transforms, `device`, ...
+        if not isinstance(bs, int) or bs < 3 or bs % 3: raise ValueError(f"a triplet loader's batch holds 3 images per anchor: bs must be a multiple of 3, got {bs!r}")
+        super().__init__(dataset, bs=bs, **kwargs)
+        self.tables = triplet_tables(dl_labels(self))
+        self.n = 3*len(self.dataset)   # an epoch: every item once as an anchor, with its positive and negative
+    @property
+    def n_triplets(self) -> int: return self.bs // 3
+    def get_idxs(self):
+        "Dataset indices `[a0,p0,n0,...]`: the anchors in the loader's (shuffled) order, positives and negatives from its own RNG"
+        a = list(range(len(self.dataset)))
+        if self.shuffle: a = self.shuffle_fn(a)
+        ws = num_distrib()   # fastai's `DistributedDL` gives each rank a contiguous slice: keep it whole triplets
+        if ws > 1: a = a[:len(a) - len(a) % ws]
+        g = torch.Generator().manual_seed(self.rng.getrandbits(63))
+        return triplet_idxs(torch.as_tensor(a, dtype=torch.long), self.tables, g).tolist()
+    def new(self, dataset=None, cls=None, **kwargs):
+        "Loaders derived from this one (predictions, `learn.export`) are plain `TfmdDL`s over the same images"
+        return super().new(dataset, cls or TfmdDL, **kwargs)
+
+# %% ../nbs/10_corsd.ipynb #91f1aefe
+def _tfmd_triplets(dls, tr, n:int) -> DataLoaders:
+    "`dls` with a `TripletTfmdDL` derived from its training `TfmdDL` `tr` (its transforms, device and workers), `n` anchors per batch"
+    trn = tr.new(cls=TripletTfmdDL, bs=3*n, shuffle=True, drop_last=len(tr.dataset) > n)
+    return DataLoaders(trn, *dls.loaders[1:], path=getattr(dls, 'path', '.'), device=dls.device)
+
+def triplet_dls(dls:DataLoaders, # fastai `DataLoaders`: the package's `image_dls` (a `TensorDL`) or any with a `TfmdDL` (a `DataBlock`'s)
                 n_triplets:int|None=None # anchors per batch; default a third of the training batch size
                ) -> DataLoaders:
-    "`dls` with a `TripletDL` over the same training images (same augmentation and device); validation unchanged"
+    "`dls` with a triplet training loader over the same images (same transforms, augmentation and device); the other loaders unchanged"
     tr = dls.train
     if isinstance(tr, TripletDL) and n_triplets in (None, tr.bs): return dls
-    if not isinstance(tr, TensorDL): raise TypeError(f"triplet_dls needs a corsd_suite `TensorDL` for training (from `image_dls`), got {type(tr).__name__}")
+    if isinstance(tr, TripletTfmdDL) and n_triplets in (None, tr.n_triplets): return dls
+    if not isinstance(tr, (TensorDL, TfmdDL)):
+        raise TypeError(f"triplet_dls draws triplets from the package's `TensorDL` (from `image_dls`) or a fastai `TfmdDL` "
+                        f"(from a `DataBlock` or `ImageDataLoaders`); the training loader is a {type(tr).__name__}")
     n = n_triplets or max(tr.bs // 3, 1)
     if n < 1: raise ValueError(f"n_triplets must be at least 1, got {n}")
+    if not isinstance(tr, TensorDL): return _tfmd_triplets(dls, tr, n)
     trn = TripletDL(tr.dataset, bs=n, shuffle=True, drop_last=len(tr.dataset) > n, augment=tr.augment, device=tr.device)
     res = DataLoaders(trn, dls.valid, device=dls.device)
     for k in ('c', 'classes', 'n_channels', 'size', 'stats'):
@@ -212,16 +248,17 @@ class BYOTExit(nn.Module):
         return self.fc(h), h
 
 # %% ../nbs/10_corsd.ipynb #764ffb47
-def stage_shapes(m:nn.Module, # a zoo model (anything with `stages`)
+def stage_shapes(m:nn.Module, # a zoo model (anything with `stages`), or any model with `names`
                  n_in:int, # input channels
-                 size # input size: an int or (H, W)
+                 size, # input size: an int or (H, W)
+                 names:list|None=None # the stage modules' names in `m` (`find_stages`); None: `m.stages`
                 ) -> tuple:
     "Shapes `(C,H,W)` of every stage output of `m` for `n_in`-channel `size` images, and the number of classes"
-    stages = get_stages(m)
+    stages = get_stages(m, names)
     if len(stages) < 2: raise ValueError(f"self-distillation needs at least 2 stages; {type(m).__name__} has {len(stages)}")
     size = (size, size) if isinstance(size, int) else tuple(size)
     x = torch.zeros(2, n_in, *size, device=model_device(m))
-    with eval_mode(m), torch.no_grad(): out, feats = stage_features(m, x)
+    with eval_mode(m), torch.no_grad(): out, feats = stage_features(m, x, names)
     bad = [i for i,f in enumerate(feats) if f.ndim != 4]
     if bad: raise ValueError(f"stages {bad} of {type(m).__name__} do not output (N,C,H,W) feature maps")
     return [tuple(f.shape[1:]) for f in feats], out.shape[1]
@@ -236,24 +273,26 @@ class _Stash:
 # %% ../nbs/10_corsd.ipynb #07ed41c5
 class MultiExitNet(nn.Module):
     "A backbone plus training-only parts: BYOT `heads` (+ hint `adapters`), CORSD `relations` and `proto`; `forward` is the backbone's"
-    def __init__(self, backbone:nn.Module, # the zoo model that is deployed
+    def __init__(self, backbone:nn.Module, # the model that is deployed (a zoo model, a torchvision or timm network, yours)
                  n_out:int, # number of classes of the backbone
                  heads:list|None=None, # a `BYOTExit` per shallow stage (or none)
                  adapters:list|None=None, # BYOT's hint adapters of the shallowest exits
                  relations:list|None=None, # a `RelationNet` per stage, shallow first (or none)
-                 proto:nn.Module|None=None): # CORSD's `PrototypeNet` (or none)
+                 proto:nn.Module|None=None, # CORSD's `PrototypeNet` (or none)
+                 stage_names:list|None=None): # the backbone's stage modules by name (hooked where they are); None: its `stages`
         super().__init__()
         self.backbone, self.heads, self.adapters = backbone, nn.ModuleList(heads or []), nn.ModuleList(adapters or [])
         self.relations = nn.ModuleList(relations) if relations else None
         self.proto, self.n_classes, self.collect, self._stash = proto, n_out, False, _Stash()
+        self.stage_names = None if stage_names is None else list(stage_names)
     @property
-    def stages(self): return get_stages(self.backbone)
+    def stages(self): return get_stages(self.backbone, self.stage_names)
     @property
     def n_exits(self) -> int: return len(self.heads) + 1
     def forward(self, x):
         "The backbone's logits (always); while a callback `collect`s, the stage maps are kept for its losses"
         if not self.collect: return self.backbone(x)
-        out, self._stash.feats = stage_features(self.backbone, x)
+        out, self._stash.feats = stage_features(self.backbone, x, self.stage_names)
         return out
     def take_features(self) -> list|None:
         "The stage maps kept by the last `forward` (once)"
@@ -261,7 +300,7 @@ class MultiExitNet(nn.Module):
         return f
     def exits(self, x):
         "Deepest logits and a dict of every exit's `logits` and pooled `feats` (shallow first, deepest last)"
-        out, feats = stage_features(self.backbone, x)
+        out, feats = stage_features(self.backbone, x, self.stage_names)
         return out, exit_outputs(self, out, feats)
     def plain(self) -> nn.Module:
         "The backbone alone: what to export and deploy"
@@ -275,25 +314,38 @@ def exit_outputs(net:MultiExitNet, # the wrapper
     res = [h(f) for h,f in zip(net.heads, feats)]
     return dict(logits=[z for z,_ in res] + [out], feats=[h for _,h in res] + [feats[-1].mean((2,3))])
 
+# %% ../nbs/10_corsd.ipynb #6f8d2263
+def _stage_names(model:nn.Module, stages, n_in:int, size) -> list:
+    "`model`'s stage names (`find_stages`), the error saying that self-distillation needs two of them"
+    if stages is not None and (isinstance(stages, str) or len(list(stages)) < 2):
+        raise ValueError(f"self-distillation needs at least 2 stages: name them as a list, got stages={stages!r}")
+    try: return find_stages(model, stages, n_in, size)
+    except ValueError as e:
+        if stages is None: raise ValueError(f"self-distillation needs at least 2 stages: {e}") from None
+        raise
+
 # %% ../nbs/10_corsd.ipynb #0470a38e
-def multi_exit(model:nn.Module, # a zoo model with stages
+def multi_exit(model:nn.Module, # a zoo model, a torchvision or timm network, or yours
                n_in:int, # input channels
                size, # input size (int or (H, W))
                n_out:int|None=None, # classes of the data, checked against the model's
-               exits:bool=True, # BYOT exits after the shallow stages
+               exits:bool|None=None, # BYOT exits after the shallow stages; None: only without `relations` (a CORSD wrapper has none)
                relations:bool=False, # CORSD relation networks per stage and the prototype network
                n_hint:int=2, # BYOT hint on this many shallowest exits
-               momentum:float=0.1 # prototype running-mean momentum
+               momentum:float=0.1, # prototype running-mean momentum
+               stages:list|None=None # the stage modules' names (`model.get_submodule` names), shallow first; None: found (`find_stages`)
               ) -> MultiExitNet:
-    "Wrap a staged `model` with BYOT exits and/or CORSD relation networks sized from its stage shapes"
-    shapes, k = stage_shapes(model, n_in, size)
+    "Wrap `model` with BYOT exits and/or CORSD relation networks sized from the shapes of its stages, hooked by name"
+    if exits is None: exits = not relations
+    names = _stage_names(model, stages, n_in, size)
+    shapes, k = stage_shapes(model, n_in, size, names)
     if n_out is not None and n_out != k: raise ValueError(f"the model outputs {k} classes but the data has {n_out}")
     if not exits and not relations: raise ValueError("multi_exit needs exits=True, relations=True or both")
     if not isinstance(n_hint, int) or n_hint < 0: raise ValueError(f"n_hint must be an integer ≥ 0, got {n_hint!r}")
     heads = [BYOTExit(s, shapes[-1], k) for s in shapes[:-1]] if exits else []
     adapters = [nn.Linear(shapes[-1][0], shapes[-1][0]) for _ in heads[:n_hint]]
     rels = [RelationNet(s, shapes[-1], k, deepest=i == len(shapes)-1) for i,s in enumerate(shapes)] if relations else None
-    net = MultiExitNet(model, k, heads, adapters, rels, PrototypeNet(k, momentum) if relations else None)
+    net = MultiExitNet(model, k, heads, adapters, rels, PrototypeNet(k, momentum) if relations else None, stage_names=names)
     return net.to(model_device(model))
 
 # %% ../nbs/10_corsd.ipynb #ace2d329
@@ -407,7 +459,7 @@ def relation_scores(model:MultiExitNet, # a wrapper with relation networks
     if model.relations is None: raise ValueError("the model has no relation networks")
     if len(x) % 3: raise ValueError(f"a triplet batch holds 3 images per anchor; got {len(x)} images")
     with eval_mode(model), torch.no_grad():
-        _, feats = stage_features(model.backbone, x.to(model_device(model)))
+        _, feats = stage_features(model.backbone, x.to(model_device(model)), model.stage_names)
         return [(o['rp'].cpu(), o['rn'].cpu()) for o in pair_outputs(model, feats)]
 
 # %% ../nbs/10_corsd.ipynb #117e86c6
@@ -489,6 +541,7 @@ class SelfDistillCallback(Callback):
         "Average of loss term `name` over the current (or last) training epoch"
         return self.sums[name]/self.counts[name] if self.counts.get(name) else None
 
+# %% ../nbs/10_corsd.ipynb #e91b9133
 class BYOTCallback(SelfDistillCallback):
     "BYOT self-distillation (see `BYOTLoss`)"
     def __init__(self, T:float=3., # temperature
@@ -510,11 +563,13 @@ class CORSDCallback(SelfDistillCallback):
     def _check_model(self, net):
         if net.relations is None: raise ValueError("CORSDCallback needs relation networks: build the model with `multi_exit(..., relations=True)`")
         if self.byot and not len(net.heads): raise ValueError("CORSDCallback(byot=True) needs exits: build the model with `multi_exit(..., exits=True)`")
-        if not isinstance(self.dls.train, TripletDL) and not isinstance(getattr(self.dls.train, 'dl', None), TripletDL):
-            raise ValueError("CORSD trains on triplet batches: build the training loader with `triplet_dls(dls)` (corsd_learner does)")
     def before_batch(self):
         super().before_batch()
-        if self.training and len(self.yb): check_triplets(self.yb[0])
+        if not self.training or not len(self.yb): return
+        try: check_triplets(self.yb[0])
+        except ValueError as e:
+            raise ValueError(f"CORSD trains on triplet batches [a0,p0,n0,...], and this training batch is not one ({e}): "
+                             "build the training loader with `triplet_dls(dls)` (corsd_learner does)") from None
 
 # %% ../nbs/10_corsd.ipynb #1c7fe014
 def exit_metrics(net:MultiExitNet, # the wrapper
@@ -524,50 +579,57 @@ def exit_metrics(net:MultiExitNet, # the wrapper
     accs = [ExitAccuracy(i) for i in range(1, net.n_exits)] + [ExitAccuracy(None)] if len(net.heads) else []
     return accs + [LossTerm(cb, n) for n in cb.term_names]
 
-def _exit_net(dls, arch, model_kw, exits, relations):
+# %% ../nbs/10_corsd.ipynb #6e347458
+def _exit_net(dls, arch, model_kw, exits, relations, stages):
+    "The `MultiExitNet` of `arch` (`model_for`: zoo name, module or callable) for `dls`, its stages named or found"
     check_dls_nonempty(dls, 'corsd_learner' if relations else 'byot_learner')
-    kw = {**(dict(size=dls.size[0]) if arch == 'lenet5' else {}), **(model_kw or {})}
-    m = get_model(arch, n_in=dls.n_channels, n_out=dls.c, stats=dls.stats, **kw)
-    return multi_exit(m, dls.n_channels, dls.size, n_out=dls.c, exits=exits, relations=relations)
+    spec = data_spec(dls)   # the package's loaders: their `n_channels`, `size`, `c`; a zoo model still gets `dls.stats`
+    m = model_for(arch, dls, **(model_kw or {}))
+    return multi_exit(m, spec.n_channels, spec.size, n_out=spec.c, exits=exits, relations=relations, stages=stages)
 
 def _learner(dls, net, cb, cbs, metrics, kwargs):
     return Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=L(metrics) + exit_metrics(net, cb), cbs=[cb] + list(L(cbs)), **kwargs)
 
-def byot_learner(dls, # `DataLoaders` from `image_dls` (with `c`, `n_channels`, `size`, `stats`)
-                 arch:str='resnet8', # zoo model
-                 model_kw:dict|None=None, # more arguments of the zoo model (e.g. `width`)
+# %% ../nbs/10_corsd.ipynb #26dccb27
+def byot_learner(dls, # fastai `DataLoaders`: the package's `image_dls` or a `DataBlock`'s
+                 arch='resnet8', # a zoo name, an `nn.Module`, or a callable building one (called with `num_classes`)
+                 model_kw:dict|None=None, # more arguments of the zoo model (e.g. `width`) or of the callable
                  cb_kw:dict|None=None, # arguments of `BYOTCallback`
                  cbs=None, # more callbacks
                  metrics=accuracy, # metrics (exit accuracies and loss terms are added)
+                 stages:list|None=None, # the stage modules' names in the model, shallow first; None: found (`find_stages`)
                  **kwargs) -> Learner:
-    "A `Learner` training zoo model `arch` with BYOT exits and self-distillation"
-    net, cb = _exit_net(dls, arch, model_kw, True, False), BYOTCallback(**(cb_kw or {}))
+    "A `Learner` training `arch` with BYOT exits after its shallow stages and self-distillation (deployed: `deployable(learn)`)"
+    net, cb = _exit_net(dls, arch, model_kw, True, False, stages), BYOTCallback(**(cb_kw or {}))
     return _learner(dls, net, cb, cbs, metrics, kwargs)
 
-def corsd_learner(dls, # `DataLoaders` from `image_dls`; the training loader becomes a `TripletDL`
-                  arch:str='resnet8', # zoo model
-                  model_kw:dict|None=None, # more arguments of the zoo model (e.g. `width`)
+def corsd_learner(dls, # fastai `DataLoaders` (`image_dls`'s or a `DataBlock`'s); the training loader becomes a triplet loader (`triplet_dls`)
+                  arch='resnet8', # a zoo name, an `nn.Module`, or a callable building one (called with `num_classes`)
+                  model_kw:dict|None=None, # more arguments of the zoo model (e.g. `width`) or of the callable
                   cb_kw:dict|None=None, # arguments of `CORSDCallback` (`byot=True`: the stacked arm)
                   n_triplets:int|None=None, # anchors per training batch (default: a third of the batch size)
                   cbs=None, # more callbacks
                   metrics=accuracy, # metrics (the loss terms are added)
+                  stages:list|None=None, # the stage modules' names in the model, shallow first; None: found (`find_stages`)
                   **kwargs) -> Learner:
-    "A `Learner` training zoo model `arch` with CORSD relation networks on triplet batches (deployed: `learn.model.plain()`)"
+    "A `Learner` training `arch` with CORSD relation networks on triplet batches (deployed: `deployable(learn)`, the plain network)"
     cb_kw = dict(cb_kw or {})
     cb = CORSDCallback(**cb_kw)
-    net = _exit_net(dls, arch, model_kw, cb.byot, True)
+    net = _exit_net(dls, arch, model_kw, cb.byot, True, stages)
     return _learner(triplet_dls(dls, n_triplets), net, cb, cbs, metrics, kwargs)
 
-def exit_learner(dls, # `DataLoaders` from `image_dls`
-                 arch:str='resnet8', # zoo model
+# %% ../nbs/10_corsd.ipynb #6c5942fb
+def exit_learner(dls, # fastai `DataLoaders`: the package's `image_dls` or a `DataBlock`'s
+                 arch='resnet8', # a zoo name, an `nn.Module`, or a callable building one
                  method:str='corsd', # 'byot', 'corsd' or 'corsd+byot'
-                 model_kw:dict|None=None, # more arguments of the zoo model
+                 model_kw:dict|None=None, # more arguments of the zoo model or of the callable
                  cb_kw:dict|None=None, # arguments of the callback
+                 stages:list|None=None, # the stage modules' names in the model; None: found (`find_stages`)
                  **kwargs) -> Learner:
     "`byot_learner` or `corsd_learner` by name"
     if method not in ('byot', 'corsd', 'corsd+byot'): raise ValueError(f"method must be 'byot', 'corsd' or 'corsd+byot', not {method!r}")
-    if method == 'byot': return byot_learner(dls, arch, model_kw, cb_kw, **kwargs)
-    return corsd_learner(dls, arch, model_kw, {**(cb_kw or {}), **(dict(byot=True) if method == 'corsd+byot' else {})}, **kwargs)
+    if method == 'byot': return byot_learner(dls, arch, model_kw, cb_kw, stages=stages, **kwargs)
+    return corsd_learner(dls, arch, model_kw, {**(cb_kw or {}), **(dict(byot=True) if method == 'corsd+byot' else {})}, stages=stages, **kwargs)
 
 # %% ../nbs/10_corsd.ipynb #d70a4c69
 @demo_row('CORSD', order=10)
