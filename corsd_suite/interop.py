@@ -188,6 +188,8 @@ def deployable(learn, # a trained `Learner` (or its model)
               ) -> nn.Module:
     "A copy of the network to ship: the model's `plain()` where it has one, without modules marked `training_only` (and their hooks)"
     m = unwrap(learn.model if isinstance(learn, Learner) else learn)
+    for o in m.modules():   # training state that constrains the weights (pruning masks) puts them in place first
+        if getattr(o, 'training_only', False) and callable(getattr(o, 'settle', None)): o.settle()
     m = m.plain() if callable(getattr(m, 'plain', None)) else m
     m = copy.deepcopy(m)
     for owner in list(m.modules()):

@@ -95,3 +95,16 @@ def test_zero_dim_entries_are_raw_scalars():
     assert (h['enc'], h['shape'], h['dtype']) == ('raw', [], 'int64') and secs == [(2**40 + 5).to_bytes(8, 'little')]
     h, secs = parts['1.running_var']
     assert h['shape'] == [4] and secs == [net[1].running_var.numpy().tobytes()]
+
+def test_deployable_after_interrupted_step_ships_pruned_weights(dls):
+    "A Ctrl-C between the optimiser step and the re-masking leaves weights off their masks: `deployable` puts them back"
+    torch.manual_seed(0)
+    learn = Learner(dls, resnet8(n_in=3, n_out=dls.c), loss_func=CrossEntropyLossFlat())
+    t = {n: .5 for n in weight_layers(learn.model) if n.startswith('stages')}
+    hard = magnitude_prune(learn, t, epochs=1)
+    with torch.no_grad():                                       # what an interrupted step leaves: every weight moved
+        for n in t: weight_layers(learn.model)[n].weight.add_(0.01)
+    net = deployable(learn)
+    for n in t:
+        w = weight_layers(net)[n].weight
+        assert int((w != 0).sum()) == w.numel() // 2, n         # half of each layer's weights, exactly the mask's
