@@ -463,11 +463,14 @@ class HardPruneState(_State):
             raise ValueError(f"{what} does not match the learner's targets: {'; '.join(bad)}. Load it into a learner "
                              f"pruning to the same targets, or prune afresh (a new `HardPruneCallback` fixes new masks)")
 
-    def _load_from_state_dict(self, sd, prefix, *args, **kwargs):
-        "Refuse fixed masks of other targets; once loaded, put the model's weights on the masks at once"
+    def check_loadable(self, sd:dict, prefix:str=''):
+        "Refuse a state dict whose fixed masks were made for other targets (`load_checkpoint` asks before it loads anything)"
         r = sd.get(prefix + 'ready')
         if isinstance(r, torch.Tensor) and r.numel() == 1 and bool(r):
             self.check_masks({n: sd.get(prefix + f'mask_{_key(n)}') for n in self.names}, 'the loaded pruning state')
+    def _load_from_state_dict(self, sd, prefix, *args, **kwargs):
+        "Refuse fixed masks of other targets; once loaded, put the model's weights on the masks at once"
+        self.check_loadable(sd, prefix)
         super()._load_from_state_dict(sd, prefix, *args, **kwargs)
         if bool(self.ready): self.dirty = True; self.settle()
 

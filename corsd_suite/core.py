@@ -129,6 +129,7 @@ def stage_features(m:nn.Module, # a model with stages (see `get_stages`)
 import json, tempfile
 from fastai.learner import Learner, Callback
 from fastai.torch_core import rank_distrib, get_model
+from fastai.optimizer import OptimWrapper
 
 CHECKPOINT_FORMAT = 'corsd_suite.checkpoint/1'
 
@@ -238,11 +239,15 @@ def _check_model(file, model:nn.Module, saved:dict):
     if miss or unexp or bad:
         raise CheckpointError(f"checkpoint {file} does not match the learner's model: missing keys {miss[:8]}, "
                               f"unexpected keys {unexp[:8]}, shape mismatches {bad[:8]}")
+    for name, o in model.named_modules():   # a module that can refuse a state (pruning masks of other targets) says so now, before anything loads
+        if callable(getattr(o, 'check_loadable', None)):
+            try: o.check_loadable(saved, f'{name}.' if name else '')
+            except ValueError as e: raise CheckpointError(f"checkpoint {file}: {e}") from None
 
 def _check_opt(file, opt, sd):
     "Raise unless the saved optimiser state has the learner's parameter groups (sizes and state shapes)"
     if sd is None: raise CheckpointError(f"checkpoint {file} holds no optimiser state; load it with `with_opt=False`")
-    if hasattr(opt, 'param_lists'):   # fastai Optimizer
+    if not isinstance(opt, OptimWrapper):   # fastai's own Optimizer (an OptimWrapper has `param_lists` too)
         sizes, ps = [len(pg) for pg in opt.param_lists], [p for pg in opt.param_lists for p in pg]
         if len(sd.get('hypers', [])) != len(sizes) or len(sd.get('state', [])) != len(ps):
             raise CheckpointError(f"checkpoint {file}: optimiser has {len(sd.get('hypers', []))} groups and "
@@ -273,7 +278,7 @@ def _check_rest(file, ck, learn):
 
 def _restore_opt(learn, sd):
     opt = learn.opt
-    if not hasattr(opt, 'param_lists'): opt.load_state_dict(sd); return
+    if isinstance(opt, OptimWrapper): opt.load_state_dict(sd); return
     opt.load_state_dict(dict(state=sd['state'], hypers=L(sd['hypers'])))
     for p, s in opt.state.items():
         for k, v in s.items():

@@ -278,8 +278,11 @@ def test_masks_of_other_targets_refused(tmp_path):
     msg = r"head\.1.*12,500 of 25,000 weights \(pruning rate 0\.5\).*1,250 \(pruning rate 0\.95\)"
     for load in (lambda l: l.load('half'), lambda l: load_checkpoint(l, tmp_path/'half.ckpt')):
         new = _small([HardPruneCallback(TG)], seed=3); new.path, new.model_dir = tmp_path, 'models'
+        before = {k: v.clone() for k, v in new.model.state_dict().items()}
         with pytest.raises(ValueError, match=msg): load(new)
         assert not bool(new.model.hard_prune.ready)        # the state was not taken
+        if 'load_checkpoint' in load.__code__.co_names:   # refused before anything is overwritten
+            for k, v in new.model.state_dict().items(): torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
 
 def test_checkpoint_refusals(tmp_path):
     "A stale, truncated or mismatched checkpoint is refused with its name, before anything is overwritten"
