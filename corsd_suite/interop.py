@@ -22,7 +22,7 @@ def batch_normalize(dls, # fastai `DataLoaders` or one `DataLoader`
                    ) -> tuple|None:
     "`(mean, std)` of the fastai `Normalize` in the loaders' batch pipeline (per-channel float tensors), or None without one"
     from fastai.data.transforms import Normalize
-    dl = getattr(dls, 'train', dls)
+    dl = dls.train if isinstance(dls, DataLoaders) else dls   # a single DataLoader's `train` would go to its dataset
     found = [t for t in getattr(getattr(dl, 'after_batch', None), 'fs', []) if isinstance(t, Normalize)]
     if not found: return None
     if len(found) > 1: raise ValueError(f"the DataLoaders normalise their batches {len(found)} times: keep one fastai `Normalize`")

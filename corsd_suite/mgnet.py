@@ -6,7 +6,8 @@ Docs: https://corsd-suite.github.io/corsd_suite/mgnet.html.md"""
 
 # %% ../nbs/20_mgnet.ipynb #53ab755e
 from __future__ import annotations
-import math, inspect
+import math, inspect, re
+from types import SimpleNamespace
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from fastcore.all import *
@@ -15,10 +16,11 @@ from fastai.metrics import accuracy
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import params
 import fastai.callback.schedule
-from .core import check_images, check_finite, grad_scale, demo_row, seed_everything, unwrap
+from .core import check_images, check_finite, grad_scale, demo_row, seed_everything, unwrap, model_device
 from .data import check_dls_nonempty
-from .models import get_model, staged_splitter
+from .models import get_model, staged_splitter, StagedNet
 from .evaluate import count_flops, evaluate_accuracy, eval_mode
+from .interop import PixelMap, data_spec, model_for, batch_normalize
 
 # %% auto #0
 __all__ = ['GLIMPSE_BN', 'CLUTTER_GLIMPSES', 'glimpse_theta', 'take_glimpse', 'glimpse_boxes', 'MGNet', 'mgnet_of',
@@ -82,14 +84,72 @@ def _check_mgnet_args(n_glimpses, down_factor, scale_min, scale_max, translation
     for k,v in (('n_classes', n_classes), ('feat_dim', feat_dim)):
         if v is not None and not (_is_int(v) and v >= 1): raise ValueError(f"{k} must be an integer ≥ 1, got {v!r}")
 
+# %% ../nbs/20_mgnet.ipynb #08cdcb58
+def _has_global_pool(m:nn.Module) -> bool:
+    "Whether `m` is or holds a global pooling layer (`nn.AdaptiveAvgPool2d`, timm's `SelectAdaptivePool2d`, ...)"
+    return any(re.search(r'(Adaptive|Global)\w*Pool', type(l).__name__) for l in m.modules())
+
+def _cut_body(backbone:nn.Module) -> tuple:
+    "`(body, tail)`: a zoo model's `body` and `head`; else, as fastai's `create_body`, the children before the last one holding a global pooling and the rest; else `(backbone, None)`"
+    if hasattr(backbone, 'body'): return backbone.body, getattr(backbone, 'head', None)
+    ch = list(backbone.children())
+    cut = next((i for i in reversed(range(len(ch))) if _has_global_pool(ch[i])), 0)
+    return (nn.Sequential(*ch[:cut]), nn.ModuleList(ch[cut:])) if cut else (backbone, None)
+
+def _probe(m:nn.Module, n_in:int, what:str, sizes=(32, 64, 128, 224)):
+    "Output of `m` (eval mode, no gradient) on 2 blank `n_in`-channel images, at the first of `sizes` it takes"
+    modes, err = [(l, l.training) for l in m.modules()], None
+    try:
+        m.eval()
+        for s in sizes:
+            try:
+                with torch.no_grad(): return m(torch.zeros(2, n_in, s, s, device=model_device(m)))
+            except Exception as e: err = e
+    finally:
+        for l, t in modes: l.training = t
+    raise ValueError(f"cannot infer {what}: the backbone fails on blank {n_in}-channel images of {sizes} px "
+                     f"({type(err).__name__}: {str(err)[:200]}); pass {what}=")
+
+def _infer_dims(backbone, body, tail, n_in, n_classes, feat_dim) -> tuple:
+    "`n_classes`, `feat_dim`: given, else read (the head's last `nn.Linear`; a zoo body's last conv), else by a dummy forward"
+    if n_classes is None and tail is not None:
+        lin = _last(tail, nn.Linear)
+        if lin is not None: n_classes = lin.out_features
+    if feat_dim is None and hasattr(backbone, 'body'):
+        conv = _last(body, nn.Conv2d)
+        if conv is not None: feat_dim = conv.out_channels
+    missing = [k for k,v in (('n_classes', n_classes), ('feat_dim', feat_dim)) if v is None]
+    if missing and n_in is None:
+        raise ValueError(f"cannot infer {' and '.join(missing)} of this backbone (no Conv2d tells its input channels): pass {'= and '.join(missing)}=")
+    if feat_dim is None:
+        h = _probe(body, n_in, 'feat_dim')
+        feat_dim = int(h.shape[1] if h.ndim == 4 else h.flatten(1).shape[1])
+    if n_classes is None:
+        if getattr(backbone, 'num_classes', None) == 0: raise ValueError("the backbone has no classifier (num_classes=0): pass n_classes=")
+        out = _probe(backbone, n_in, 'n_classes')
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise ValueError(f"cannot infer n_classes: the backbone outputs {tuple(getattr(out, 'shape', ()))}, not (N, classes) logits "
+                             f"(a body without a classifier?): pass n_classes=")
+        n_classes = int(out.shape[1])
+    return n_classes, feat_dim
+
+def _pixel_map(pixels, n_in) -> PixelMap:
+    "`pixels`, checked against the body's input channels; None: the identity, one channel per input channel"
+    if pixels is None: return PixelMap((torch.zeros(n_in), torch.ones(n_in)) if n_in else None)
+    if not isinstance(pixels, PixelMap): raise TypeError(f"pixels must be a PixelMap (e.g. `PixelMap.from_dls(dls)`), not {type(pixels).__name__}")
+    if n_in is not None and pixels.mean.shape[1] not in (1, n_in):
+        raise ValueError(f"pixels has {pixels.mean.shape[1]} channels but the backbone takes {n_in}")
+    return pixels
+
+# %% ../nbs/20_mgnet.ipynb #59b3f981
 class MGNet(nn.Module):
     "Multi-glimpse network: the body of `backbone` sees `n_glimpses` learned glimpses downsampled by `down_factor`"
     def __init__(self,
-                 backbone:nn.Module, # zoo model (its `body` is used) or any module mapping images to features
+                 backbone:nn.Module, # a classifier (zoo, torchvision, timm: its body is used) or a body mapping images to features
                  n_glimpses:int=4, # glimpses per image; the first is the whole image, downsampled
                  down_factor:float=2., # each glimpse is `1/down_factor` of the image side (≥ 1)
-                 n_classes:int|None=None, # classes (default: the backbone head's outputs)
-                 feat_dim:int|None=None, # feature size of the body (default: its last conv's channels)
+                 n_classes:int|None=None, # classes (default: the backbone classifier's outputs)
+                 feat_dim:int|None=None, # feature size of the body (default: its output channels)
                  scale_min:float=0.2, # smallest glimpse, as a fraction of the image side
                  scale_max:float=0.5, # largest glimpse (0 < scale_min ≤ scale_max ≤ 1)
                  translation:str='tight', # 'tight': crops stay inside the image; 'free': they may leave it
@@ -97,18 +157,15 @@ class MGNet(nn.Module):
                  detach_params:bool=True, # detach the glimpse parameters fed to the fusion (as the authors' code)
                  aux:bool=True, # auxiliary classifier on each later glimpse's own feature
                  glimpse_bn:str='per_glimpse', # BatchNorm running statistics: 'per_glimpse' or 'shared' (authors' code)
-                 min_glimpse:int=8): # refuse inputs whose glimpses would be smaller than this (pixels)
+                 min_glimpse:int=8, # refuse inputs whose glimpses would be smaller than this (pixels)
+                 pixels:PixelMap|None=None): # the loaders' normalisation (`PixelMap.from_dls(dls)`): glimpses are cropped in pixel space; None: batches are pixels
         super().__init__()
         _check_mgnet_args(n_glimpses, down_factor, scale_min, scale_max, translation, loc_grad_scale, glimpse_bn,
                          min_glimpse, n_classes, feat_dim)
-        self.body = backbone.body if hasattr(backbone, 'body') else backbone
-        lin, conv = _last(getattr(backbone, 'head', nn.Identity()), nn.Linear), _last(self.body, nn.Conv2d)
-        n_classes = n_classes or (lin.out_features if lin is not None else None)
-        feat_dim = feat_dim or (conv.out_channels if conv is not None else None)
-        if n_classes is None or feat_dim is None:
-            raise ValueError("cannot infer n_classes/feat_dim from this backbone: pass n_classes= and feat_dim=")
+        self.body, tail = _cut_body(backbone)
         first = _first(self.body, nn.Conv2d)
         self.n_in = first.in_channels if first is not None else None
+        n_classes, feat_dim = _infer_dims(backbone, self.body, tail, self.n_in, n_classes, feat_dim)
         store_attr('n_glimpses,down_factor,n_classes,feat_dim,scale_min,scale_max,translation,loc_grad_scale,detach_params,aux,glimpse_bn,min_glimpse')
         self._bns = [m for m in self.body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         if glimpse_bn == 'per_glimpse':
@@ -122,6 +179,7 @@ class MGNet(nn.Module):
         self.classifier = nn.Linear(e, n_classes)
         self.locator = nn.Linear(e, 3)
         self.aux_classifier = nn.Linear(feat_dim, n_classes) if aux else None
+        self.pixels = _pixel_map(pixels, self.n_in)
         self.trace = None
 
     def __getstate__(self):
@@ -132,14 +190,17 @@ class MGNet(nn.Module):
         "Side of a glimpse for an `img_size` image"
         return int(round(img_size / self.down_factor))
 
-    def check_input(self, x):
-        check_images(x, self.n_in, 'MGNet input')
-        if x.shape[-1] != x.shape[-2]: raise ValueError(f"MGNet needs square images, got {x.shape[-2]}×{x.shape[-1]}")
-        g = self.glimpse_size(x.shape[-1])
+    def _glimpse_of(self, h:int, w:int) -> int:
+        if h != w: raise ValueError(f"MGNet needs square images, got {h}×{w}")
+        g = self.glimpse_size(w)
         if g < self.min_glimpse:
-            raise ValueError(f"{x.shape[-1]}px images give {g}px glimpses at down_factor={self.down_factor}; "
+            raise ValueError(f"{w}px images give {g}px glimpses at down_factor={self.down_factor}; "
                              f"need ≥ {self.min_glimpse}px (larger images or a smaller down_factor)")
         return g
+
+    def check_input(self, x):
+        check_images(x, self.n_in, 'MGNet input')
+        return self._glimpse_of(*x.shape[-2:])
 
     def use_glimpse_stats(self, t:int):
         "Point the body's BatchNorm layers at glimpse `t`'s running statistics (with `glimpse_bn='per_glimpse'`)"
@@ -167,10 +228,11 @@ class MGNet(nn.Module):
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         size = self.check_input(x)
+        px = self.pixels.to_pixels(x)                       # crops in pixel space: outside the image is black
         p = x.new_tensor([1., 0., 0.]).expand(len(x), 3)
         seq, logits, aux, ps, gs = [], [], [], [], []
         for t in range(self.n_glimpses):
-            g = take_glimpse(x, p, size)
+            g = self.pixels.from_pixels(take_glimpse(px, p, size))
             self.use_glimpse_stats(t)
             h = self.embed(g)
             q = p.detach() if self.detach_params else p
@@ -182,6 +244,48 @@ class MGNet(nn.Module):
             if t < self.n_glimpses - 1: p = self.locate(z)
         self.trace = dict(logits=logits, aux=aux, params=ps, glimpses=gs)
         return logits[-1]
+
+# %% ../nbs/20_mgnet.ipynb #04ffdfea
+def _body_error(mg:MGNet, g:int) -> str|None:
+    "Why the body of `mg` cannot take blank `g`×`g` glimpses (None if it can)"
+    modes = [(l, l.training) for l in mg.body.modules()]
+    try:
+        mg.body.eval()
+        with torch.no_grad(): h = mg.embed(torch.zeros(2, mg.n_in, g, g, device=model_device(mg)))
+    except Exception as e: return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    finally:
+        for l, t in modes: l.training = t
+    if h.shape[1] != mg.feat_dim: return f"its features have {h.shape[1]} channels, not feat_dim={mg.feat_dim}"
+    if not torch.isfinite(h).all(): return "its features are not finite"
+
+def _smallest_glimpse(mg:MGNet, g:int, limit:int=1024) -> int|None:
+    "The smallest glimpse side above `g` the body takes (doubling, then bisection), or None up to `limit`"
+    lo, hi = g, g
+    while _body_error(mg, hi) is not None:
+        lo, hi = hi, hi * 2
+        if hi > limit: return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _body_error(mg, mid) is None else (mid, hi)
+    return hi
+
+@patch
+def check_size(self:MGNet, size # the images' size: an int, or (H, W)
+              ) -> int:
+    "Check that `size` images give glimpses the body can take, by one forward of blank glimpses; return the glimpse side"
+    h, w = (size, size) if _is_int(size) else tuple(int(s) for s in size)
+    g = self._glimpse_of(h, w)
+    if self.n_in is None: return g
+    err = _body_error(self, g)
+    if err is None: return g
+    ok = _smallest_glimpse(self, g)
+    if ok is None: hint = "no glimpse up to 1024 px works"
+    else:
+        img = f"images of at least {math.ceil(ok * self.down_factor)}×{math.ceil(ok * self.down_factor)} px"
+        hint = (f"the smallest glimpse it takes is {ok}×{ok} px: use {img}" +
+                (f", or down_factor ≤ {w / ok:.4g} for these {w}×{w} images" if w / ok >= 1 else ""))
+    raise ValueError(f"the backbone's body cannot take {g}×{g} glimpses ({w}×{w} images at down_factor={self.down_factor}): "
+                     f"{err}; {hint}")
 
 # %% ../nbs/20_mgnet.ipynb #6f85b2bb
 def mgnet_of(m:nn.Module # an `MGNet`, or a wrapper holding it as `.module`
@@ -218,8 +322,9 @@ class MultiGlimpseLoss:
         "Per-glimpse and auxiliary cross-entropies of the latest forward pass"
         tr = self.model.trace
         if tr is None: raise RuntimeError("MultiGlimpseLoss: the model has not run a forward pass yet")
-        return dict(steps=[F.cross_entropy(l.float(), y) for l in tr['logits']],
-                    aux=[F.cross_entropy(l.float(), y) for l in tr['aux']])
+        y = y.as_subclass(torch.Tensor)                      # fastai's TensorCategory (and TensorImage logits): plain tensors
+        return dict(steps=[F.cross_entropy(l.float().as_subclass(torch.Tensor), y) for l in tr['logits']],
+                    aux=[F.cross_entropy(l.float().as_subclass(torch.Tensor), y) for l in tr['aux']])
     def __call__(self, pred:torch.Tensor, y:torch.Tensor) -> torch.Tensor:
         tr = self.model.trace
         if tr is None or pred.shape != tr['logits'][-1].shape:
@@ -254,20 +359,19 @@ def mgnet_splitter(m:nn.Module # an `MGNet` (or a wrapper holding it)
     return [params(m.body), [p for n,p in m.named_parameters() if not n.startswith('body.')]]
 
 def check_dls(dls # fastai `DataLoaders` to check
-             ):
-    "Raise a `ValueError` naming the split if `dls` has an empty train or valid set, or a train loader with no batch"
+             ) -> AttrDict:
+    "Raise a `ValueError` naming the problem if `dls` has an empty train or valid set, a train loader with no batch, or no classes; return its `data_spec`"
     check_dls_nonempty(dls, 'mgnet_learner')
     if len(dls.train) == 0:
         raise ValueError(f"the train DataLoader yields no batch ({getattr(dls.train, 'n', '?')} items, bs={dls.train.bs}, drop_last)")
-    if getattr(dls, 'c', None) is None: raise ValueError("the DataLoaders have no class count `c` (build them with `corsd_suite.data.image_dls`)")
-    return dls
+    return data_spec(dls)
 
-def _zoo_backbone(dls, arch, kw):
+def _backbone(dls, arch, kw, spec):
+    "The classifier `arch` for `dls` (`interop.model_for`: a zoo name gets the package loaders' `stats` as before)"
     kw = dict(kw)
-    n_out = kw.pop('n_out', dls.c)
-    if n_out != dls.c: raise ValueError(f"the model would have {n_out} classes but the DataLoaders have {dls.c} (dls.c)")
-    if arch == 'lenet5': kw.setdefault('size', dls.size[0])
-    return get_model(arch, n_in=dls.n_channels, n_out=dls.c, stats=dls.stats, **kw)
+    n_out = kw.pop('n_out', spec.c)
+    if n_out != spec.c: raise ValueError(f"the model would have {n_out} classes but the DataLoaders have {spec.c} (dls.c)")
+    return model_for(arch, dls, **kw)
 
 _MGNET_ARGS = set(inspect.signature(MGNet.__init__).parameters) - {'self', 'backbone'}
 _LOSS_ARGS = {'alpha', 'coefs'}
@@ -277,19 +381,23 @@ def _misplaced(kwargs):
         if k in _MGNET_ARGS: raise TypeError(f"{k!r} is an MGNet argument: pass it in model_kw=dict({k}=...)")
         if k in _LOSS_ARGS: raise TypeError(f"{k!r} is a MultiGlimpseLoss argument: pass it in cb_kw=dict({k}=...)")
 
-def mgnet_learner(dls, # `DataLoaders` of images with a class count `c` (e.g. `corsd_suite.data.image_dls`)
-                  arch:str='resnet8', # zoo model whose body sees the glimpses
+def mgnet_learner(dls, # fastai `DataLoaders` of images and class labels (a `DataBlock`'s, or `corsd_suite.data.image_dls`)
+                  arch='resnet8', # a zoo name, an `nn.Module` classifier, or a callable building one (called with `num_classes`)
                   model_kw:dict|None=None, # `MGNet` arguments (n_glimpses, down_factor, scales, glimpse_bn...) and the zoo model's (e.g. width)
                   cb_kw:dict|None=None, # `MultiGlimpseLoss` arguments (alpha, coefs)
                   **kwargs # passed to fastai's `Learner` (cbs, metrics, opt_func, wd, path...)
                  ) -> Learner:
-    "A fastai `Learner` training an `MGNet` on zoo model `arch`'s body"
-    check_dls(dls); _misplaced(kwargs)
+    "A fastai `Learner` training an `MGNet` on the body of `arch`, glimpses checked against the data's image size"
+    spec = check_dls(dls); _misplaced(kwargs)
     kw = dict(model_kw or {})
     mkw = {k: kw.pop(k) for k in list(kw) if k in _MGNET_ARGS}
-    if mkw.get('n_classes') not in (None, dls.c):
-        raise ValueError(f"model_kw n_classes={mkw['n_classes']} but the DataLoaders have {dls.c} classes (dls.c)")
-    model = MGNet(_zoo_backbone(dls, arch, kw), **mkw)
+    if mkw.get('n_classes') not in (None, spec.c):
+        raise ValueError(f"model_kw n_classes={mkw['n_classes']} but the DataLoaders have {spec.c} classes (dls.c)")
+    if 'pixels' in mkw and spec.normalize is not None:
+        raise ValueError("model_kw pixels: the DataLoaders' fastai `Normalize` already sets it (`PixelMap.from_dls(dls)`)")
+    if spec.normalize is not None: mkw['pixels'] = PixelMap(spec.normalize)   # crops in pixel space
+    model = MGNet(_backbone(dls, arch, kw, spec), **mkw)
+    model.check_size(spec.size)
     kwargs.setdefault('metrics', [accuracy] + [GlimpseAccuracy(t) for t in range(model.n_glimpses)])
     kwargs.setdefault('splitter', mgnet_splitter)
     return Learner(dls, model, loss_func=MultiGlimpseLoss(model, **(cb_kw or {})), **kwargs)
@@ -309,15 +417,17 @@ class CheckedCrossEntropy(CrossEntropyLossFlat):
     def __call__(self, inp, targ, **kwargs):
         return super().__call__(inp, check_labels(targ, inp.shape[self.axis], 'model'), **kwargs)
 
-def backbone_learner(dls, # `DataLoaders` of images with a class count `c`
-                     arch:str='resnet8', # zoo model run once on the full image
-                     model_kw:dict|None=None, # the zoo model's arguments (e.g. width)
+def backbone_learner(dls, # fastai `DataLoaders` of images and class labels
+                     arch='resnet8', # a zoo name, an `nn.Module` classifier, or a callable building one, run once on the full image
+                     model_kw:dict|None=None, # the zoo model's (or the callable's) arguments (e.g. width)
                      **kwargs # passed to fastai's `Learner` (cbs, metrics, opt_func, wd, path...)
                     ) -> Learner:
-    "The single-pass baseline: zoo model `arch` on the full image, cross-entropy, accuracy"
-    check_dls(dls)
-    kwargs.setdefault('metrics', accuracy); kwargs.setdefault('splitter', staged_splitter)
-    return Learner(dls, _zoo_backbone(dls, arch, model_kw or {}), loss_func=CheckedCrossEntropy(), **kwargs)
+    "The single-pass baseline: `arch` on the full image, cross-entropy, accuracy"
+    spec = check_dls(dls)
+    model = _backbone(dls, arch, model_kw or {}, spec)
+    kwargs.setdefault('metrics', accuracy)
+    if isinstance(model, StagedNet): kwargs.setdefault('splitter', staged_splitter)
+    return Learner(dls, model, loss_func=CheckedCrossEntropy(), **kwargs)
 
 # %% ../nbs/20_mgnet.ipynb #4c1a033c
 CLUTTER_GLIMPSES = dict(scale_min=0.3, scale_max=0.7)   # glimpse scales for an object filling about half a cluttered frame
@@ -337,6 +447,12 @@ def cluttered_digits_dls(canvas:int=32, # side of the cluttered frame
     return image_dls(tr, va, bs=bs, device=device)
 
 # %% ../nbs/20_mgnet.ipynb #259a1251
+def _class_names(dls, n:int) -> list:
+    "Class names of `dls` (`classes`, else fastai's `vocab`), else '0'…'n-1'"
+    classes = getattr(dls, 'classes', None)
+    if not classes and getattr(dls, 'vocab', None) is not None: classes = list(map(str, dls.vocab))
+    return list(classes) if classes and len(classes) >= n else [str(i) for i in range(n)]
+
 def show_glimpses(learn, # a `Learner` whose model is an `MGNet`
                   n:int=4, # images to show, at most a batch
                   dl=None, # the `DataLoader` to take them from; None: `learn.dls.valid`
@@ -345,24 +461,28 @@ def show_glimpses(learn, # a `Learner` whose model is an `MGNet`
     "Plot `n` images with each glimpse's box, and each glimpse with its predicted class and confidence"
     import matplotlib.pyplot as plt
     dl = dl or learn.dls.valid
-    x, y = dl.one_batch()
-    x, y = x[:n], y[:n]
+    x, y = (t.as_subclass(torch.Tensor) for t in dl.one_batch()[:2])      # plain tensors (fastai's TensorImage, TensorCategory)
+    x, y = x[:n], y[:n].flatten()
     mg = mgnet_of(learn.model)
     with eval_mode(mg), torch.no_grad(): mg(x)
     tr, T, size = mg.trace, mg.n_glimpses, x.shape[-1]
     probs = [l.float().softmax(1) for l in tr['logits']]
-    classes = getattr(learn.dls, 'classes', None) or [str(i) for i in range(mg.n_classes)]
+    classes = _class_names(learn.dls, mg.n_classes)
+    pm = PixelMap(batch_normalize(SimpleNamespace(train=dl))).to(x.device)   # shown as pixels, whatever the loaders' Normalize
     colors = plt.cm.autumn(np.linspace(0, 1, T))
     fig, axs = plt.subplots(len(x), T+1, figsize=((T+1)*figsize_scale, len(x)*figsize_scale), squeeze=False)
-    show = lambda ax, im: ax.imshow(im.permute(1,2,0).squeeze(-1).cpu().float().clamp(0,1), cmap='gray' if im.shape[0]==1 else None)
+    def show(ax, im):
+        im = pm.to_pixels(im[None].float())[0]
+        ax.imshow(im.permute(1,2,0).squeeze(-1).cpu().clamp(0,1).numpy(), cmap='gray' if im.shape[0]==1 else None)
     for i in range(len(x)):
-        show(axs[i,0], x[i]); axs[i,0].set_title(f'true: {classes[y[i]]}', fontsize=8)
+        yi = int(y[i])
+        show(axs[i,0], x[i]); axs[i,0].set_title(f'true: {classes[yi]}', fontsize=8)
         for t in range(T):
             x0,y0,x1,y1 = glimpse_boxes(tr['params'][t][i:i+1], size)[0].tolist()
             axs[i,0].add_patch(plt.Rectangle((x0,y0), x1-x0, y1-y0, fill=False, ec=colors[t], lw=1.5))
-            c = probs[t][i].argmax().item()
+            c = int(probs[t][i].argmax())
             show(axs[i,t+1], tr['glimpses'][t][i])
-            axs[i,t+1].set_title(f'g{t+1}: {classes[c]} ({probs[t][i,c]:.0%})', fontsize=8, color='g' if c==y[i] else 'r')
+            axs[i,t+1].set_title(f'g{t+1}: {classes[c]} ({float(probs[t][i,c]):.0%})', fontsize=8, color='g' if c==yi else 'r')
         for ax in axs[i]: ax.axis('off')
     plt.tight_layout()
     return fig
