@@ -6,7 +6,7 @@ Docs: https://corsd-suite.github.io/corsd_suite/calibrator.html.md"""
 
 # %% ../nbs/30_calibrator.ipynb #11057f0f
 from __future__ import annotations
-import math, random
+import copy, math, random
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 import torch.distributed as dist
@@ -15,16 +15,18 @@ from fastai.learner import Learner, Callback, ValueMetric
 from fastai.optimizer import Adam
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
+from fastai.data.core import DataLoaders
 from .core import check_finite, check_images, model_device, demo_row, seed_everything, unwrap
 from .models import dtn
 from .data import ImageSet
+from .interop import PixelMap, batch_normalize, data_spec
 from .calibration import (Calibrator, CalibratedModel, calibrator_splitter, bn_state, check_param, check_dls,
                                      check_dl, check_batch, check_classifier, _init_gen)
 
 # %% auto #0
-__all__ = ['GROUPS', 'PixelDiscriminator', 'OutputDiscriminator', 'AdamState', 'CalibratorModule', 'TargetStream',
-           'DiscriminatorTrainer', 'CalibratorCallback', 'calibrator_learner', 'erode_images', 'shifted_digits',
-           'train_source', 'calibrator_row']
+__all__ = ['GROUPS', 'PixelDiscriminator', 'OutputDiscriminator', 'check_pixels', 'check_pixel_map', 'AdamState',
+           'CalibratorModule', 'TargetStream', 'DiscriminatorTrainer', 'CalibratorCallback', 'calibrator_learner',
+           'erode_images', 'shifted_digits', 'train_source', 'calibrator_row']
 
 # %% ../nbs/30_calibrator.ipynb #aa22216a
 GROUPS = ('src', 'tgt', 'cal_tgt', 'cal_src')   # group k of the 4-way discriminators
@@ -70,6 +72,31 @@ class OutputDiscriminator(nn.Module):
             raise ValueError(f"output discriminator expects logits of shape (N, {self.n_classes}); got {tuple(logits.shape)}: the classifier's class count differs")
         return self.net(F.softmax(logits.float(), 1))
 
+# %% ../nbs/30_calibrator.ipynb #d354ba2b
+def check_pixels(x:torch.Tensor, # a batch in pixel units (mapped by a `PixelMap`)
+                 box:tuple|None, # the calibrator's box `(low, high)`; None: no check
+                 what:str='calibrator input', # how the message names the batch
+                 tol:float=1e-4): # slack for the rounding of a `Normalize` round trip
+    "Raise a `ValueError` if the pixels `x` leave `box`: the calibrator would clip them silently"
+    if box is None or x.numel() == 0: return x
+    lo, hi = torch.stack(torch.aminmax(x.detach().float())).tolist()
+    if lo < box[0] - tol or hi > box[1] + tol:
+        raise ValueError(f"the {what} spans [{lo:.4g}, {hi:.4g}] in pixel units, outside the calibrator's box [{box[0]:g}, {box[1]:g}]: "
+                         "it would be clipped. Give images in [0, 1] (fastai's `IntToFloatTensor`, the package's `TensorDL`), "
+                         "normalised only by fastai's `Normalize` (undone here), or a `Calibrator` with another `box`")
+    return x
+
+# %% ../nbs/30_calibrator.ipynb #17b82541
+def check_pixel_map(pm:PixelMap, # a `PixelMap`
+                    n_ch:int, # channels of the images it maps
+                    what:str='source DataLoaders'): # whose normalisation it is, for the message
+    "Raise a `ValueError` if `pm` has statistics for another number of channels than the images"
+    k = pm.mean.numel()
+    if k not in (1, n_ch):
+        raise ValueError(f"the `Normalize` of the {what} has statistics for {k} channels but the images have {n_ch}: "
+                         f"give it {n_ch}-channel statistics (`Normalize.from_stats(mean, std)`)")
+    return pm
+
 # %% ../nbs/30_calibrator.ipynb #9ef370f2
 class AdamState(nn.Module):
     "Adam's moments and step count for each of `params`, kept as buffers so that the module's `state_dict` carries them"
@@ -101,8 +128,9 @@ class CalibratorModule(CalibratedModel):
                  out_hidden:tuple=(1000, 500), # hidden widths of the output discriminator
                  out_dropout:float=0.5, # dropout of the output discriminator
                  freeze_bn:bool=True, # keep the classifier's BN statistics fixed
-                 code_faithful_bn:bool=False): # the authors' code: the classifier in train mode during adaptation
-        super().__init__(cal, clf, freeze_bn, code_faithful_bn)
+                 code_faithful_bn:bool=False, # the authors' code: the classifier in train mode during adaptation
+                 pixels:PixelMap|None=None): # the source loaders' normalisation (`PixelMap.from_dls(dls)`); None: batches are pixels
+        super().__init__(cal, clf, freeze_bn, code_faithful_bn, pixels)
         self.d_out, self.d_pix = OutputDiscriminator(n_classes, out_hidden, out_dropout), PixelDiscriminator(n_in, patch, pix_hidden)
         self.d_state = AdamState(self.d_params())
         self.register_buffer('d_steps', torch.zeros((), dtype=torch.long))
@@ -113,18 +141,36 @@ class CalibratorModule(CalibratedModel):
     def d_params(self) -> list:
         "The discriminators' parameters, in the order of their Adam state"
         return list(self.d_out.parameters()) + list(self.d_pix.parameters())
+    def calibrate(self, x:torch.Tensor) -> torch.Tensor:
+        "Calibrated pixels of a batch as the source loaders give it; an error if its pixels leave the calibrator's box"
+        return self.cal(check_pixels(self.pixels.to_pixels(x), getattr(self.cal, 'box', None)))
     def forward(self, x:torch.Tensor, # images, or the source half of a training batch
-                xt:torch.Tensor|None=None): # the target half of a training batch
-        "Logits of the calibrated `x`; with `xt`: source logits, target logits, calibrated source, calibrated target"
+                xt:torch.Tensor|None=None): # the target half of a training batch, normalised as the source loaders do
+        "Logits of the calibrated `x`; with `xt`: source logits, target logits, calibrated source, calibrated target (pixels)"
         check_batch(x, what='calibrator model input')
-        if xt is None: return self.classify(self.cal(x))
+        if xt is None: return self.classify(self.calibrate(x))
         n = len(x)
-        xc = self.cal(torch.cat([x, xt]))
+        xc = self.calibrate(torch.cat([x, xt]))
         cs, ct = xc[:n], xc[n:]
         return self.classify(cs), self.classify(ct), cs, ct
-    def deployable(self) -> CalibratedModel:
-        "The calibrator and the classifier (shared, not copied) without the discriminators, in eval mode"
-        return CalibratedModel(self.cal, self.clf, self.freeze_bn, self.code_faithful_bn)
+    def plain(self) -> CalibratedModel:
+        "The calibrator, the classifier and the pixel map (shared, not copied) without the discriminators, in eval mode"
+        return CalibratedModel(self.cal, self.clf, self.freeze_bn, self.code_faithful_bn, self.pixels)
+    deployable = plain
+
+# %% ../nbs/30_calibrator.ipynb #b6a4b20e
+def _without_pass(dl):
+    "`dl`, or a shallow copy of it without the generator of a pass in progress (a fastai `DataLoader`'s `it`, which cannot be pickled)"
+    d = getattr(dl, '__dict__', {})
+    if 'it' not in d: return dl
+    cp = copy.copy(dl)
+    del cp.__dict__['it']
+    fl = d.get('fake_l')
+    if fl is not None:   # fastai's loader wrapper points back at its loader (`d`, `default`) and at itself (`dataset`)
+        nf = copy.copy(fl)
+        nf.__dict__.update({k: cp if v is dl else nf for k, v in fl.__dict__.items() if v is dl or v is fl})
+        cp.__dict__['fake_l'] = nf
+    return cp
 
 # %% ../nbs/30_calibrator.ipynb #ffb213f3
 _RNG_WORDS = 625   # Python's Mersenne Twister state
@@ -142,7 +188,7 @@ class TargetStream:
         r = getattr(self.dl, 'rng', None)
         return r if isinstance(r, random.Random) else None
     def __getstate__(self): # a copy (deepcopy, export) resumes from the model's buffer, not from a live iterator
-        return {**self.__dict__, '_it': None, '_key': None, '_got': False}
+        return {**self.__dict__, 'dl': _without_pass(self.dl), '_it': None, '_key': None, '_got': False}
     def _pos(self, s): return (int(s[1]), int(s[2]))
     def _begin(self, s:torch.Tensor, resume:bool):
         rng = self._rng()
@@ -239,7 +285,7 @@ class DiscriminatorTrainer:
 class CalibratorCallback(Callback):
     "Schedule the calibrator's adaptation: per source batch, a target batch, one discriminator step and one calibrator step"
     order = 0   # after TrainEvalCallback; its after_pred runs before MixedPrecision's (the discriminator step runs in fp32)
-    def __init__(self, target_dl, # unlabelled target images (float in [0, 1])
+    def __init__(self, target_dl, # unlabelled target images: pixels in [0, 1], or normalised by a fastai `Normalize` (a `DataLoaders`: its train loader)
                  lam_t:float=1., # weight of the calibrated-target terms
                  lam_s:float=0.1, # weight of the calibrated-source terms
                  d_lr:float=1e-4, # discriminators' Adam learning rate
@@ -251,10 +297,14 @@ class CalibratorCallback(Callback):
         check_param('d_lr', d_lr, 0, lo_open=True); check_param('d_wd', d_wd, 0)
         if len(betas) != 2: raise ValueError(f"betas must be a pair, got {betas!r}")
         for b in betas: check_param('betas', b, 0, 1, hi_open=True)
+        if isinstance(target_dl, DataLoaders): target_dl = target_dl.train
         check_dl(target_dl)
-        store_attr('target_dl,lam_t,lam_s,d_lr,d_wd,betas,use_pix,check_bn')
+        store_attr('lam_t,lam_s,d_lr,d_wd,betas,use_pix,check_bn')
+        self.target_pixels = PixelMap(batch_normalize(target_dl))   # the target loader's own normalisation
         self.history, self._epoch, self.engine, self.stream = [], [], None, TargetStream(target_dl)
         self.metrics = [ValueMetric(partial(self._epoch_mean, k), k) for k in self.log_names]
+    @property
+    def target_dl(self): return self.stream.dl
     @property
     def log_names(self) -> list: return ['d_loss', 'g_loss'] + [f'{d}_{g}' for d in ('out', 'pix') for g in GROUPS]
     @property
@@ -282,16 +332,22 @@ class CalibratorCallback(Callback):
     def next_target(self, n:int, # at most this many images
                     like:torch.Tensor # a source batch: the target batch goes to its device and must match its image shape
                    ) -> torch.Tensor:
-        "The next unlabelled target batch"
+        "The next unlabelled target batch, normalised as the source loaders would give its pixels"
         xt = check_batch(self.stream.next(self.cm.tgt_state), what='target batch')[:n].to(like.device)
         if xt.shape[1:] != like.shape[1:]:
             raise ValueError(f"target batch has images of shape {tuple(xt.shape[1:])} but source images are {tuple(like.shape[1:])}")
-        return xt
+        return self._to_source(xt)
+    def _to_source(self, xt):
+        tp, sp = check_pixel_map(self.target_pixels, xt.shape[1], 'target DataLoader').to(xt.device), self.cm.pixels
+        px = check_pixels(tp.to_pixels(xt), getattr(self.cm.cal, 'box', None), 'target batch')
+        same = tp.mean.shape == sp.mean.shape and torch.equal(tp.mean, sp.mean) and torch.equal(tp.std, sp.std)
+        return xt if same else sp.from_pixels(px)   # the same normalisation: no round trip
 
     def before_train(self): self._epoch = []
     def before_batch(self):
         if not self.training: return
-        xs = check_batch(self.xb[0], self.cm.cal.n_in, 'source batch')
+        xs = check_batch(self.xb[0], getattr(self.cm.cal, 'n_in', None), 'source batch')
+        check_pixels(self.cm.pixels.to_pixels(xs), getattr(self.cm.cal, 'box', None), 'source batch')
         xt = self.next_target(len(xs), xs)
         n = min(len(xs), len(xt))
         self.learn.xb = (xs[:n], xt)
@@ -300,7 +356,7 @@ class CalibratorCallback(Callback):
         "Discriminator step on the four groups, then the calibrator loss with the updated discriminators"
         if not self.training: return
         ps, pt, cs, ct = self.pred
-        xs, xt = self.xb
+        xs, xt = (self.cm.pixels.to_pixels(x) for x in self.xb)   # the discriminators see pixels, as the calibrator gives them
         self._log = self.engine.step([xs, xt, ct, cs], pt, ps)
         self.learn.pred = ps
         self._g = self.engine.calibrator_loss(pt, ps, ct, cs, self.lam_t, self.lam_s)
@@ -328,22 +384,25 @@ class CalibratorCallback(Callback):
         return pd.DataFrame(self.history)
 
 # %% ../nbs/30_calibrator.ipynb #0d8a107f
-def calibrator_learner(dls, # source `DataLoaders` (valid: the target evaluation set)
+def calibrator_learner(dls, # source `DataLoaders`, any fastai ones (valid: the target evaluation set)
                        clf:nn.Module, # the source classifier, frozen from here on
-                       target_dl, # unlabelled target images
+                       target_dl, # unlabelled target images: any loader (`target_dls.train` of a `DataBlock`, `TensorDL`)
                        model_kw:dict|None=None, # keyword arguments of `CalibratorModule` (freeze_bn, code_faithful_bn, patch, ...)
                        cb_kw:dict|None=None, # keyword arguments of `CalibratorCallback` (lam_t, lam_s, d_lr, d_wd, ...)
-                       cal:nn.Module|None=None, # the calibrator (default `Calibrator(dls.n_channels)`)
+                       cal:nn.Module|None=None, # the calibrator (default `Calibrator(n_channels)`, the data's channels)
                        wd:float=5e-4, # the calibrator's Adam (L2) weight decay
                        metrics=accuracy, # metrics (the callback's logs are added)
                        cbs=None, # more callbacks
                        **kwargs # passed to `Learner`
                       ) -> Learner:
     "A `Learner` adapting frozen `clf` with a calibrator against two discriminators: source `dls`, unlabelled `target_dl`"
+    if isinstance(target_dl, DataLoaders): target_dl = target_dl.train
     check_dls(dls); check_dl(target_dl); check_param('wd', wd, 0)
-    check_classifier(clf, dls)
-    cal = cal if cal is not None else Calibrator(dls.n_channels)
-    model = CalibratorModule(cal, clf, **{'n_classes': dls.c, 'n_in': dls.n_channels, **(model_kw or {})})
+    spec = data_spec(dls)   # channels, size, classes and the Normalize of any fastai DataLoaders
+    check_classifier(clf, spec)
+    pixels = check_pixel_map(PixelMap(spec.normalize), spec.n_channels)
+    cal = cal if cal is not None else Calibrator(spec.n_channels)
+    model = CalibratorModule(cal, clf, **{'n_classes': spec.c, 'n_in': spec.n_channels, 'pixels': pixels, **(model_kw or {})})
     cb = CalibratorCallback(target_dl, **(cb_kw or {}))
     kw = dict(loss_func=CrossEntropyLossFlat(), splitter=calibrator_splitter,
               opt_func=partial(Adam, sqr_mom=0.999, eps=1e-8, wd=wd, decouple_wd=False))
