@@ -14,6 +14,7 @@ from fastcore.all import *
 from fastprogress.fastprogress import progress_bar
 from .core import model_device, check_images, save_atomic
 from .data import resize_images
+from .interop import PixelMap
 
 # %% auto #0
 __all__ = ['CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'eval_mode', 'pbar', 'evaluate_accuracy', 'grad_steps', 'fgsm', 'pgd',
@@ -36,14 +37,29 @@ def pbar(items, # what to iterate over
     pb = progress_bar(items, leave=False); pb.comment = comment
     return pb
 
+# %% ../nbs/03_evaluate.ipynb #61c9fc8b
+def _pixels_on(pixels:PixelMap, dev) -> PixelMap:
+    "`pixels` with its buffers on `dev` (a copy when they are elsewhere: the caller's module is never moved)"
+    if pixels.mean.device == torch.device(dev): return pixels
+    return PixelMap((pixels.mean.flatten(), pixels.std.flatten())).to(dev)
+
+def _loader_pixels(dl) -> PixelMap:
+    "The `PixelMap` of a fastai `DataLoaders`, one `DataLoader` or any iterable of batches (identity without a `Normalize`)"
+    from fastai.data.core import DataLoaders
+    return PixelMap.from_dls(dl if isinstance(dl, DataLoaders) else DataLoaders(dl))
+
 # %% ../nbs/03_evaluate.ipynb #388af2a9
 def evaluate_accuracy(model:nn.Module, # classifier returning logits
                       dl, # (x, y) batches, e.g. a fastai `DataLoader`
                       tfm=None, # `tfm(x, y) -> x` applied to each batch on the model's device (e.g. an attack)
-                      show:bool=True # show a progress bar
+                      show:bool=True, # show a progress bar
+                      pixels:PixelMap|None=None # the batches' `PixelMap`: `tfm` then gets and returns pixels in [0, 1]; None: batches as loaded
                      ) -> float:
     "Top-1 accuracy of `model` over `dl`, after applying `tfm(x, y)` to each batch if given"
     dev, correct, n = model_device(model), 0, 0
+    if tfm is not None and pixels is not None and not pixels.identity:
+        pm, f = _pixels_on(pixels, dev), tfm
+        tfm = lambda x, y: pm.from_pixels(f(pm.to_pixels(x), y))
     with eval_mode(model):
         for xb,yb in pbar(dl, 'accuracy', show):
             xb,yb = xb.to(dev), yb.to(dev)
@@ -63,6 +79,10 @@ def _project(delta, eps, norm):
     n = delta.flatten(1).norm(dim=1).view(-1, *[1]*(delta.ndim-1))
     return delta * (eps / n.clamp_min(1e-12)).clamp(max=1.)
 
+def _plain(t):
+    "`t` as a plain tensor (fastai's `TensorImage` logits and `TensorCategory` labels do not mix in `F.cross_entropy`)"
+    return t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor)
+
 def _random_start(x, eps, norm):
     if norm == 'linf': return torch.empty_like(x).uniform_(-eps, eps)
     d = torch.randn_like(x); d = d / d.flatten(1).norm(dim=1).view(-1, *[1]*(x.ndim-1))
@@ -80,13 +100,18 @@ def grad_steps(model:nn.Module, # classifier in pixel space, returning logits
                sign:int=1, # 1 ascends the loss (an attack), -1 descends it (a reverse attack)
                rand_init:bool=False, # start from a random point of the ball instead of `x`
                loss_fn=None, # `loss_fn(logits, y)`, a scalar; None: cross-entropy summed over the batch
-               bounds=(0.,1.) # (low, high) pixel values every iterate is clipped to
+               bounds=(0.,1.), # (low, high) pixel values every iterate is clipped to
+               pixels:PixelMap|None=None # the batches' `PixelMap` (e.g. `PixelMap.from_dls(dls)`): the steps, `eps` and `bounds` are in pixels; None: `x` is pixels
               ) -> torch.Tensor:
     "Projected gradient steps that ascend (`sign=1`) or descend (`sign=-1`) `loss_fn(model(x'), y)` within the `norm` ball of `eps`"
     if norm not in ('linf','l2'): raise ValueError(f"norm must be 'linf' or 'l2', not {norm!r}")
     check_images(x, what='grad_steps input')
     if eps == 0 or steps == 0: return x.detach().clone()
-    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, reduction='sum'))
+    if pixels is not None and not pixels.identity:
+        pm = _pixels_on(pixels, x.device)
+        xp = grad_steps(lambda z: model(pm.from_pixels(z)), pm.to_pixels(x.detach()), y, eps, steps, step_size, norm, sign, rand_init, loss_fn, bounds)
+        return pm.from_pixels(xp).detach()
+    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(_plain(out), _plain(y), reduction='sum'))
     step_size = step_size if step_size is not None else 2.5*eps/steps
     x = x.detach()
     delta = _random_start(x, eps, norm) if rand_init else torch.zeros_like(x)
@@ -105,7 +130,7 @@ def fgsm(model, # classifier in pixel space, returning logits
          x, # float images, N×C×H×W
          y, # their labels
          eps:float, # the step, the L∞ radius (pixel units, e.g. 8/255)
-         **kwargs # passed to `grad_steps` (e.g. `sign`, `loss_fn`, `bounds`)
+         **kwargs # passed to `grad_steps` (e.g. `sign`, `loss_fn`, `bounds`, `pixels`)
         ):
     "Fast gradient sign method: one L∞ step of size `eps`"
     return grad_steps(model, x, y, eps, steps=1, step_size=eps, norm='linf', **kwargs)
@@ -119,7 +144,7 @@ def pgd(model, # classifier in pixel space, returning logits
         norm:str='linf', # 'linf' or 'l2'
         restarts:int=1, # attacks to run; an image still classified correctly takes the next one's result
         rand_init:bool=True, # start each restart from a random point of the ball
-        **kwargs # passed to `grad_steps` (e.g. `loss_fn`, `bounds`)
+        **kwargs # passed to `grad_steps` (e.g. `loss_fn`, `bounds`, `pixels`)
        ):
     "PGD attack; with `restarts`>1 keeps, per image, the first restart that fools the model"
     best = grad_steps(model, x, y, eps, steps, step_size, norm, rand_init=rand_init, **kwargs)
@@ -136,13 +161,16 @@ def attack_accuracy(model:nn.Module, # classifier in pixel space, returning logi
                     eps_list=(0., 0.05, 0.1, 0.2, 0.3), # radii to attack at (0: clean accuracy)
                     attack:str='pgd', # 'pgd' or 'fgsm'
                     show:bool=True, # show a progress bar over the radii
+                    pixels:PixelMap|None=None, # the batches' `PixelMap` (eps in pixels); None: read from `dl` (fastai's `Normalize`, else identity)
                     **kwargs # passed to the attack (e.g. `steps`, `norm`); numbers and strings are also columns of the table
                    ) -> pd.DataFrame:
     "Accuracy of `model` on `dl` under `attack` ('pgd' or 'fgsm') at each eps, as a DataFrame"
     fn = dict(pgd=pgd, fgsm=fgsm)[attack]
+    pm = _loader_pixels(dl) if pixels is None else pixels
+    kw = kwargs if pm.identity else {**kwargs, 'pixels': pm}
     rows = []
     for eps in pbar(list(eps_list), attack, show):
-        acc = evaluate_accuracy(model, dl, tfm=lambda x,y: fn(model, x, y, eps, **kwargs), show=False)
+        acc = evaluate_accuracy(model, dl, tfm=lambda x,y: fn(model, x, y, eps, **kw), show=False)
         rows.append(dict(attack=attack, eps=float(eps), accuracy=acc, **{k:v for k,v in kwargs.items() if isinstance(v,(int,float,str))}))
     return pd.DataFrame(rows)
 

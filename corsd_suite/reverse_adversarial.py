@@ -19,7 +19,8 @@ from fastai.torch_core import params
 import fastai.callback.schedule  # Learner.fit_one_cycle
 from .core import check_images, check_finite, model_device, seed_everything, demo_row
 from .data import ImageSet, image_dls, unseen_transform, UNSEEN_TRANSFORMS
-from .evaluate import grad_steps, eval_mode
+from .evaluate import grad_steps, eval_mode, _pixels_on, _loader_pixels
+from .interop import PixelMap, data_spec, model_for
 from .calibration import (Calibrator, CalibratedModel, FreezeClassifier, freeze_model, calibrator_splitter,
                                      check_param, check_dls, check_batch, check_classifier)
 
@@ -47,12 +48,16 @@ def is_quantized(model:nn.Module # the model to inspect
 
 # %% ../nbs/50_reverse_adversarial.ipynb #837c1d1d
 def attention_mask(model:nn.Module, # the frozen model, in eval mode
-                   x:torch.Tensor, # images (N, C, H, W) in [0, 1]
+                   x:torch.Tensor, # images (N, C, H, W): pixels in [0, 1], or normalised batches with `pixels`
                    y:torch.Tensor, # target labels (N,) whose CE gradient ranks the pixels
-                   frac:float # fraction of pixels kept per image, in (0, 1]
+                   frac:float, # fraction of pixels kept per image, in (0, 1]
+                   pixels:PixelMap|None=None # the batches' `PixelMap`: rank the gradients with respect to pixels; None: `x` is pixels
                   ) -> torch.Tensor:
     "Mask (N,1,H,W) that is 1 on the fraction `frac` of pixels of each image with the largest input-gradient magnitude"
     if not 0 < frac <= 1: raise ValueError(f"attention fraction must be in (0, 1], got {frac}")
+    if pixels is not None and not pixels.identity:
+        pm = _pixels_on(pixels, x.device)
+        return attention_mask(lambda z: model(pm.from_pixels(z)), pm.to_pixels(x.detach()), y, frac)
     x = x.detach().requires_grad_(True)
     with torch.enable_grad(): loss = F.cross_entropy(model(x).float(), y, reduction='sum')
     g, = torch.autograd.grad(loss, x)
@@ -85,7 +90,7 @@ def _check_steps(eps, steps, step_size):
     if step_size is not None: check_param('step_size', step_size, 0, lo_open=True)
 
 def reverse_pgd(model:nn.Module, # the frozen model, in eval mode
-                x:torch.Tensor, # images (N, C, H, W) in [0, 1]
+                x:torch.Tensor, # images (N, C, H, W): pixels in [0, 1], or normalised batches with `pixels`
                 y_star='pred', # target labels: 'pred', 'teacher', 'true' or a label tensor
                 eps:float=2/255, # L∞ (or L2) radius of the perturbation, >= 0
                 steps:int=10, # gradient steps, >= 0
@@ -93,7 +98,8 @@ def reverse_pgd(model:nn.Module, # the frozen model, in eval mode
                 y=None, # true labels (only for y_star='true', an oracle)
                 teacher=None, # full-precision model giving labels and gradients (y_star='teacher')
                 attention:float|None=None, # perturb only this fraction of pixels (largest input gradient)
-                norm:str='linf' # 'linf' or 'l2'
+                norm:str='linf', # 'linf' or 'l2'
+                pixels:PixelMap|None=None # the batches' `PixelMap` (`PixelMap.from_dls(dls)`): steps, `eps` and [0, 1] in pixels; None: `x` is pixels
                ) -> torch.Tensor:
     "Reverse adversarial inputs: `steps` projected gradient steps that *descend* the CE towards `y_star` within `eps` of `x`"
     check_images(x, what='reverse_pgd input')
@@ -107,9 +113,9 @@ def reverse_pgd(model:nn.Module, # the frozen model, in eval mode
     if step_size is None: step_size = eps if steps == 1 else eps/4
     f = gm
     if attention is not None:
-        m, x0 = attention_mask(gm, x, ys, attention), x.detach()
-        f = lambda z: gm(x0 + m*(z - x0))
-    return grad_steps(f, x, ys, eps, steps, step_size, norm, sign=-1)
+        m, x0 = attention_mask(gm, x, ys, attention, pixels), x.detach()
+        f = lambda z: gm(x0 + m*(z - x0))   # a 0/1 mask commutes with the per-channel affine `PixelMap`
+    return grad_steps(f, x, ys, eps, steps, step_size, norm, sign=-1, pixels=pixels)
 
 # %% ../nbs/50_reverse_adversarial.ipynb #3d227ada
 class ReverseAdvCallback(Callback):
@@ -118,9 +124,10 @@ class ReverseAdvCallback(Callback):
     def __init__(self, eps:float=2/255, # radius of the perturbation
                  steps:int=10, # gradient steps
                  y_star:str='pred', # target labels (see `reverse_pgd`)
-                 teacher=None, # full-precision teacher model
+                 teacher=None, # full-precision teacher model (it takes the batches as the learner's model does)
                  attention=None, # fraction of pixels to perturb
                  step_size=None): # step size (see `reverse_pgd`)
+        if isinstance(eps, str): raise TypeError(f"ReverseAdvCallback's first argument is `eps`; give the target labels as y_star={eps!r}")
         _check_steps(eps, steps, step_size)
         if attention is not None and not (isinstance(attention, (int, float)) and 0 < attention <= 1): raise ValueError(f"attention fraction must be in (0, 1], got {attention}")
         store_attr()
@@ -132,8 +139,10 @@ class ReverseAdvCallback(Callback):
         if self.y_star == 'true' and y is None: raise ValueError("y_star='true' needs labelled batches")
         t = self.teacher
         if t is not None: t.to(x.device).eval()
+        dl = getattr(self.learn, 'dl', None)
+        pm = _loader_pixels(dl if dl is not None else self.dls)   # the batches' `Normalize`, read from the loader being evaluated
         with eval_mode(self.learn.model) as m:
-            xr = reverse_pgd(m, x.float(), self.y_star, self.eps, self.steps, self.step_size, y=y, teacher=t, attention=self.attention)
+            xr = reverse_pgd(m, x.float(), self.y_star, self.eps, self.steps, self.step_size, y=y, teacher=t, attention=self.attention, pixels=pm)
         self.learn.xb = (xr.to(x.dtype),) + tuple(self.learn.xb[1:])
 
 # %% ../nbs/50_reverse_adversarial.ipynb #d6175337
@@ -168,21 +177,31 @@ def reverse_calibrator(n_in:int=1, # input channels
                                 gate=AttentionGate(n_in) if attention else None, **kwargs))
 
 # %% ../nbs/50_reverse_adversarial.ipynb #4a482c57
+def _snap01(x:torch.Tensor, tol:float=1e-6) -> torch.Tensor:
+    "`x` clipped to [0, 1], values within `tol` of 0 or 1 set to them: undoing a `Normalize` gives black as ±1e-8, and the calibrator's clip passes no gradient at exactly 0"
+    x = x.clamp(0., 1.)
+    return torch.where(x < tol, torch.zeros_like(x), torch.where(x > 1 - tol, torch.ones_like(x), x))
+
 class ReverseAdvModel(CalibratedModel):
-    "`CalibratedModel` (frozen `clf` after calibrator `cal`) that checks its inputs and that `cal` keeps their shape"
+    "`CalibratedModel` (frozen `clf` after calibrator `cal` on pixels) that checks its inputs and that `cal` keeps their shape"
+    def calibrate(self, x:torch.Tensor) -> torch.Tensor:
+        "Calibrated pixels of a batch `x` as the loaders give it (pixels undone from a `Normalize` are snapped to 0 and 1 first)"
+        xp = self.pixels.to_pixels(x)
+        return self.cal(xp if self.pixels.identity else _snap01(xp))
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         check_batch(x, what='ReverseAdvModel input')
-        xc = self.cal(x)
+        xc = self.calibrate(x)
         if not isinstance(xc, torch.Tensor) or xc.shape != x.shape:
             raise ValueError(f"the calibrator returned {tuple(getattr(xc, 'shape', ()))} for an input of {tuple(x.shape)}: "
                              "it must return a perturbed image of the same shape")
         return self.classify(xc)
 
 def model_with_calibrator(model:nn.Module, # the frozen (possibly int8) model
-                          cal:nn.Module # the trained calibrator
+                          cal:nn.Module, # the trained calibrator
+                          pixels:PixelMap|None=None # the batches' `PixelMap` (`PixelMap.from_dls(dls)`); None: batches are pixels
                          ) -> ReverseAdvModel:
-    "The deployable model `model(cal(x))`: frozen `model`, calibrator `cal`, in eval mode"
-    return ReverseAdvModel(cal, model).eval()
+    "The deployable model `model(cal(x))`: frozen `model`, calibrator `cal` (on pixels), in eval mode"
+    return ReverseAdvModel(cal, model, pixels=pixels).eval()
 
 # %% ../nbs/50_reverse_adversarial.ipynb #718ba1c5
 def quantize_int8(model:nn.Module, # the float model, in eval mode
@@ -221,11 +240,11 @@ class StraightThrough(nn.Module):
         return out_q + (out_f - out_f.detach())   # exactly `out_q` forward (f - f is 0); the gradient is the float model's
 
 # %% ../nbs/50_reverse_adversarial.ipynb #80cae8d0
-def reverse_adv_learner(dls, # labelled new-scene `DataLoaders`
-                        clf:nn.Module, # the frozen classifier
+def reverse_adv_learner(dls, # labelled new-scene `DataLoaders`: the package's, or any fastai ones (a `DataBlock`'s, `Normalize` included)
+                        clf:nn.Module, # the frozen classifier (it takes the batches as `dls` gives them)
                         model_kw:dict|None=None, # keyword arguments of `reverse_calibrator` (bound, ngf, n_blocks, attention, ...)
                         cb_kw:dict|None=None, # keyword arguments of `FreezeClassifier` (bn, check)
-                        cal:nn.Module|None=None, # the calibrator (default `reverse_calibrator(dls.n_channels, **model_kw)`)
+                        cal:nn.Module|None=None, # the calibrator (default `reverse_calibrator(data_spec(dls).n_channels, **model_kw)`)
                         metrics=accuracy, # metrics
                         cbs=None, # more callbacks
                         **kwargs # passed to `Learner`
@@ -233,8 +252,10 @@ def reverse_adv_learner(dls, # labelled new-scene `DataLoaders`
     "A `Learner` training a reverse-adversarial calibrator in front of frozen `clf`"
     check_dls(dls); check_classifier(clf, dls)
     if cal is not None and model_kw: raise ValueError("give either `cal` or `model_kw` (the arguments of the default calibrator), not both")
-    cal = cal if cal is not None else reverse_calibrator(dls.n_channels, **(model_kw or {}))
-    model = ReverseAdvModel(cal, clf)
+    spec = data_spec(dls)
+    if getattr(dls, 'n_channels', None) is None: model_for(clf, dls)   # fastai's loaders: one forward pass checks size and class count
+    cal = cal if cal is not None else reverse_calibrator(spec.n_channels, **(model_kw or {}))
+    model = ReverseAdvModel(cal, clf, pixels=PixelMap.from_dls(dls))
     kw = dict(loss_func=CrossEntropyLossFlat(), splitter=calibrator_splitter, opt_func=partial(Adam, wd=0.))
     return Learner(dls, model, metrics=metrics, cbs=[FreezeClassifier(**(cb_kw or {}))] + list(L(cbs)), **{**kw, **kwargs})
 
@@ -249,23 +270,57 @@ def with_clean(scene:ImageSet, # labelled images of the new scene
     if clean.c != scene.c: raise ValueError(f"clean images have {clean.c} classes but the new-scene images have {scene.c}")
     return ImageSet(torch.cat([scene.x, clean.x]), torch.cat([scene.y, clean.y]), scene.classes, f'{scene.name}+clean')
 
+# %% ../nbs/50_reverse_adversarial.ipynb #8e7afb1a
+def _datasets_dls(ds, bs:int, device):
+    "Training `DataLoaders` over a fastai `Datasets`' train split (its valid split stays held out), images made float pixels"
+    from fastai.data.core import DataLoaders, TfmdDL
+    from fastai.data.transforms import ToTensor, IntToFloatTensor
+    from fastai.torch_core import TensorImage
+    from PIL import Image
+    tr = ds.train
+    if len(tr) == 0: raise ValueError("adapt_to_scene: the new-scene Datasets' train split is empty")
+    x0 = tr[0][0]
+    if isinstance(x0, Image.Image): kw = dict(after_item=[ToTensor()], after_batch=[IntToFloatTensor()])
+    elif isinstance(x0, TensorImage) and not x0.is_floating_point(): kw = dict(after_batch=[IntToFloatTensor()])
+    elif isinstance(x0, torch.Tensor) and x0.is_floating_point() and x0.ndim == 3: kw = {}
+    else: raise TypeError(f"adapt_to_scene: the Datasets' items are {type(x0).__name__}, not images (PIL images or C×H×W tensors)")
+    mk = lambda shuffle: TfmdDL(tr, bs=bs, shuffle=shuffle, drop_last=shuffle and len(tr) > bs, device=device, **kw)
+    dls = DataLoaders(mk(True), mk(False), device=device)
+    try: dls.valid.one_batch()
+    except RuntimeError as e:
+        raise ValueError("adapt_to_scene: the Datasets' images do not stack into one batch (different sizes?): give the "
+                         "DataBlock's DataLoaders instead (`dblock.dataloaders(...)`, with `item_tfms=Resize(...)`)") from e
+    return dls
+
+def _scene_dls(scene, clean, bs:int, device):
+    "The `DataLoaders` `adapt_to_scene` trains on: an `ImageSet` (with `clean`), a fastai `DataLoaders` or `Datasets`"
+    from fastai.data.core import DataLoaders, Datasets
+    if isinstance(scene, ImageSet):
+        if clean is not None: scene = with_clean(scene, clean)
+        return image_dls(scene, scene.subset(range(min(len(scene), bs))), bs=bs, device=device)
+    if clean is not None:
+        raise ValueError("adapt_to_scene(clean=...) takes ImageSets; with fastai data, put the clean images in the scene's DataLoaders")
+    if isinstance(scene, DataLoaders): return scene
+    if isinstance(scene, Datasets): return _datasets_dls(scene, bs, device)
+    raise TypeError(f"adapt_to_scene: `scene` must be an ImageSet, a fastai DataLoaders or a fastai Datasets of labelled images, not {type(scene).__name__}")
+
+# %% ../nbs/50_reverse_adversarial.ipynb #dc0db1ba
 def adapt_to_scene(clf:nn.Module, # the frozen classifier
-                   scene:ImageSet, # labelled images of the new scene
-                   clean:ImageSet|None=None, # labelled images of the original scene, trained on too so clean images keep their accuracy
+                   scene, # labelled new-scene images: an `ImageSet`, or fastai `DataLoaders` / `Datasets` (e.g. a `DataBlock`'s)
+                   clean:ImageSet|None=None, # labelled images of the original scene, trained on too so clean images keep their accuracy (ImageSet scenes)
                    epochs:int=10, # one-cycle epochs
                    lr:float=3e-3, # maximum learning rate
-                   bs:int=64, # batch size
+                   bs:int=64, # batch size (ImageSet and Datasets scenes; `DataLoaders` keep theirs)
                    seed:int=0, # random seed
                    cal=None, # the calibrator (default `reverse_calibrator(**cal_kw)`)
-                   device='cpu', # device of the DataLoaders
+                   device='cpu', # device of the DataLoaders (ImageSet and Datasets scenes)
                    **cal_kw # keyword arguments of `reverse_calibrator`
                   ) -> ReverseAdvModel:
     "Train a calibrator for frozen `clf` on the labelled new-scene images `scene`; returns the deployable model (eval mode)"
-    if len(scene) == 0: raise ValueError("adapt_to_scene: the new-scene ImageSet is empty")
-    if clean is not None: scene = with_clean(scene, clean)
+    if isinstance(scene, ImageSet) and len(scene) == 0: raise ValueError("adapt_to_scene: the new-scene ImageSet is empty")
     check_param('epochs', epochs, 1, integer=True); check_param('lr', lr, 0, lo_open=True); check_param('bs', bs, 1, integer=True)
     seed_everything(seed)
-    dls = image_dls(scene, scene.subset(range(min(len(scene), bs))), bs=bs, device=device)
+    dls = _scene_dls(scene, clean, bs, device)
     learn = reverse_adv_learner(dls, clf, model_kw=cal_kw, cal=cal, metrics=None)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=_SkipValid())
     return learn.model.eval()
