@@ -7,7 +7,6 @@ Docs: https://corsd-suite.github.io/corsd_suite/mgnet.html.md"""
 # %% ../nbs/20_mgnet.ipynb #53ab755e
 from __future__ import annotations
 import math, inspect, re
-from types import SimpleNamespace
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from fastcore.all import *
@@ -468,7 +467,7 @@ def show_glimpses(learn, # a `Learner` whose model is an `MGNet`
     tr, T, size = mg.trace, mg.n_glimpses, x.shape[-1]
     probs = [l.float().softmax(1) for l in tr['logits']]
     classes = _class_names(learn.dls, mg.n_classes)
-    pm = PixelMap(batch_normalize(SimpleNamespace(train=dl))).to(x.device)   # shown as pixels, whatever the loaders' Normalize
+    pm = PixelMap(batch_normalize(dl)).to(x.device)   # shown as pixels, whatever the loaders' Normalize
     colors = plt.cm.autumn(np.linspace(0, 1, T))
     fig, axs = plt.subplots(len(x), T+1, figsize=((T+1)*figsize_scale, len(x)*figsize_scale), squeeze=False)
     def show(ax, im):
