@@ -42,7 +42,9 @@ class PixelMap(nn.Module):
         self.register_buffer('mean', torch.as_tensor(mean, dtype=torch.float).view(1, -1, 1, 1).clone())
         self.register_buffer('std', torch.as_tensor(std, dtype=torch.float).view(1, -1, 1, 1).clone())
     @classmethod
-    def from_dls(cls, dls): return cls(batch_normalize(dls))
+    def from_dls(cls, dls): # fastai `DataLoaders` (or one `DataLoader`)
+        "The `PixelMap` of the `Normalize` in `dls`' batch pipeline (the identity without one)"
+        return cls(batch_normalize(dls))
     @property
     def identity(self) -> bool: return bool((self.mean == 0).all() and (self.std == 1).all())
     def to_pixels(self, x:torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ class PixelMap(nn.Module):
     def forward(self, x): return self.from_pixels(x)
     def extra_repr(self): return "identity" if self.identity else f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
-# %% ../nbs/06_interop.ipynb #829ee9ad
+# %% ../nbs/06_interop.ipynb #2457db01
 def _first_batch(dls):
     for dl in (getattr(dls, 'valid', None), getattr(dls, 'train', None), dls):
         if dl is None or not hasattr(dl, 'one_batch'): continue
@@ -82,7 +84,7 @@ def data_spec(dls, # fastai `DataLoaders`: a `DataBlock`'s, `ImageDataLoaders`, 
     if c is None: raise ValueError("cannot tell the number of classes of these DataLoaders: give them a `c` (fastai's CategoryBlock does)")
     return AttrDict(n_channels=int(n_ch), size=tuple(int(s) for s in size), c=int(c), classes=classes, normalize=batch_normalize(dls))
 
-# %% ../nbs/06_interop.ipynb #f485ed2a
+# %% ../nbs/06_interop.ipynb #f0e580f3
 def dl_labels(dl, # a training `DataLoader`: a fastai `TfmdDL` over `Datasets`, or the package's `TensorDL`
              ) -> torch.Tensor:
     "The integer label of every item of `dl`'s dataset, in dataset order, read without loading the images where fastai allows it"
@@ -98,7 +100,7 @@ def dl_labels(dl, # a training `DataLoader`: a fastai `TfmdDL` over `Datasets`, 
     except (TypeError, ValueError): raise ValueError("the dataset's targets are not single class labels (a CategoryBlock's): a method that needs classes cannot use them") from None
     return y
 
-# %% ../nbs/06_interop.ipynb #3aee0e44
+# %% ../nbs/06_interop.ipynb #acfb27ad
 def _expand(model:nn.Module) -> list:
     "`(name, module)` of the model's children, with `nn.Sequential` children opened one level (their blocks)"
     res = []
@@ -147,7 +149,7 @@ def find_stages(model:nn.Module, # any `nn.Module`: a zoo model, a torchvision o
     if len(names) < 2: raise ValueError(f"found {len(names)} stage(s) in {type(model).__name__} ({names}): name at least two with `stages=[...]`")
     return names
 
-# %% ../nbs/06_interop.ipynb #22a9d045
+# %% ../nbs/06_interop.ipynb #bd76ed07
 def _classes_out(model:nn.Module, spec) -> int:
     x = torch.zeros(2, spec.n_channels, *spec.size, device=model_device(model))
     was = model.training
@@ -183,7 +185,7 @@ def model_for(arch, # a zoo name ('resnet8', ...), an `nn.Module`, or a callable
     if k != spec.c: raise ValueError(f"the model outputs {k} classes but the DataLoaders have {spec.c} (dls.c)")
     return m
 
-# %% ../nbs/06_interop.ipynb #d35ed183
+# %% ../nbs/06_interop.ipynb #eb8a7078
 def deployable(learn, # a trained `Learner` (or its model)
               ) -> nn.Module:
     "A copy of the network to ship: the model's `plain()` where it has one, without modules marked `training_only` (and their hooks)"
