@@ -43,11 +43,6 @@ def _pixels_on(pixels:PixelMap, dev) -> PixelMap:
     if pixels.mean.device == torch.device(dev): return pixels
     return PixelMap((pixels.mean.flatten(), pixels.std.flatten())).to(dev)
 
-def _loader_pixels(dl) -> PixelMap:
-    "The `PixelMap` of a fastai `DataLoaders`, one `DataLoader` or any iterable of batches (identity without a `Normalize`)"
-    from fastai.data.core import DataLoaders
-    return PixelMap.from_dls(dl if isinstance(dl, DataLoaders) else DataLoaders(dl))
-
 # %% ../nbs/03_evaluate.ipynb #388af2a9
 def evaluate_accuracy(model:nn.Module, # classifier returning logits
                       dl, # (x, y) batches, e.g. a fastai `DataLoader`
@@ -166,7 +161,7 @@ def attack_accuracy(model:nn.Module, # classifier in pixel space, returning logi
                    ) -> pd.DataFrame:
     "Accuracy of `model` on `dl` under `attack` ('pgd' or 'fgsm') at each eps, as a DataFrame"
     fn = dict(pgd=pgd, fgsm=fgsm)[attack]
-    pm = _loader_pixels(dl) if pixels is None else pixels
+    pm = PixelMap.from_dls(dl) if pixels is None else pixels
     kw = kwargs if pm.identity else {**kwargs, 'pixels': pm}
     rows = []
     for eps in pbar(list(eps_list), attack, show):

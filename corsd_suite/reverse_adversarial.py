@@ -19,7 +19,7 @@ from fastai.torch_core import params
 import fastai.callback.schedule  # Learner.fit_one_cycle
 from .core import check_images, check_finite, model_device, seed_everything, demo_row
 from .data import ImageSet, image_dls, unseen_transform, UNSEEN_TRANSFORMS
-from .evaluate import grad_steps, eval_mode, _pixels_on, _loader_pixels
+from .evaluate import grad_steps, eval_mode, _pixels_on
 from .interop import PixelMap, data_spec, model_for
 from .calibration import (Calibrator, CalibratedModel, FreezeClassifier, freeze_model, calibrator_splitter,
                                      check_param, check_dls, check_batch, check_classifier)
@@ -140,7 +140,7 @@ class ReverseAdvCallback(Callback):
         t = self.teacher
         if t is not None: t.to(x.device).eval()
         dl = getattr(self.learn, 'dl', None)
-        pm = _loader_pixels(dl if dl is not None else self.dls)   # the batches' `Normalize`, read from the loader being evaluated
+        pm = PixelMap.from_dls(dl if dl is not None else self.dls)   # the batches' `Normalize`, read from the loader being evaluated
         with eval_mode(self.learn.model) as m:
             xr = reverse_pgd(m, x.float(), self.y_star, self.eps, self.steps, self.step_size, y=y, teacher=t, attention=self.attention, pixels=pm)
         self.learn.xb = (xr.to(x.dtype),) + tuple(self.learn.xb[1:])
