@@ -31,7 +31,7 @@ import runner
 from common import RESULTS, mean_std, fmt_ms, md_table, command_line, save_figure
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
-from fastai.optimizer import Adam
+from corsd_suite.optim import adam
 from corsd_suite.core import seed_everything
 from corsd_suite.data import domain_pair, image_dls, TensorDL
 from corsd_suite.evaluate import evaluate_accuracy
@@ -94,7 +94,7 @@ def source_classifier(ctx, c):
     dls = image_dls(pair.source_train, pair.target_eval, bs=c['bs'], device=ctx.device)
     seed_everything(c['seed'])
     clf = dtn(1, 10, dls.stats, width=c['width'], size=c['size'])
-    lc = Learner(dls, clf, loss_func=CrossEntropyLossFlat(), opt_func=Adam)
+    lc = Learner(dls, clf, loss_func=CrossEntropyLossFlat(), opt_func=adam())
     key = (f"clf-{c['direction']}-s{c['seed']}-px{c['size']}-w{c['width']}-e{c['clf_epochs']}-lr{c['clf_lr']}"
            f"-bs{c['bs']}-n{c['n_per_class']}")
     ctx.fit(lc, c['clf_epochs'], c['clf_lr'], stage='clf', shared=key)

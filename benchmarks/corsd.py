@@ -31,7 +31,6 @@ Smoke test (a couple of minutes; writes benchmarks/results/corsd_smoke* and resu
         --n_valid 100 --epochs 1 --seeds 0 --n_test 500
 """
 import argparse, sys
-from functools import partial
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
@@ -80,10 +79,10 @@ def load_data(n_train:int, n_valid:int, n_test:int):
 
 def make_learner(arm:str, dls, arch:str, triplets:int):
     "The learner of `arm`: SGD momentum 0.9 with L2 weight decay 5e-4 on every parameter, as the authors"
-    from fastai.optimizer import SGD
+    from corsd_suite.optim import sgd
     from corsd_suite.models import zoo_learner
     from corsd_suite.corsd import byot_learner, corsd_learner
-    opt = dict(opt_func=partial(SGD, mom=0.9, decouple_wd=False), wd=5e-4, wd_bn_bias=True)
+    opt = dict(opt_func=sgd(0.9, decouple_wd=False), wd=5e-4, wd_bn_bias=True)
     if arm in ('baseline', 'baseline_compute_matched'): return zoo_learner(dls, arch, **opt)
     if arm == 'byot': return byot_learner(dls, arch, **opt)
     return corsd_learner(dls, arch, cb_kw=dict(byot=arm == 'corsd_byot'), n_triplets=triplets, **opt)

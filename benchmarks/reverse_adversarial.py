@@ -103,9 +103,10 @@ def finetune(clf, scene, epochs, seed, device, lr=1e-3):
     from corsd_suite.core import seed_everything
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
+    from corsd_suite.optim import adam
     seed_everything(seed)
     m = copy.deepcopy(clf).requires_grad_(True)
-    learn = Learner(image_dls(scene, scene.subset(range(min(64, len(scene)))), bs=64, device=device), m, loss_func=CrossEntropyLossFlat())
+    learn = Learner(image_dls(scene, scene.subset(range(min(64, len(scene)))), bs=64, device=device), m, loss_func=CrossEntropyLossFlat(), opt_func=adam())
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=_SkipValid())
     return m.eval()
 

@@ -76,11 +76,33 @@ def add_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="train in channels_last memory format (fastai's ChannelsLast; 1.6x faster for ResNet-20 on CPU, see throughput.md)")
     g.add_argument('--bf16', action=argparse.BooleanOptionalAction, default=False,
                    help='bf16 autocast for forward and loss (2x faster on CPUs with native bf16; off by default: changes the numbers)')
+    g.add_argument('--opt_impl', choices=OPT_IMPLS, default=OPT_IMPLS[0],
+                   help="torch kernels that step the learners' optimisers (`corsd_suite.optim`: fastai's algorithms; see throughput.md)")
     return p
+
+OPT_IMPLS = ('foreach', 'fused')   # the first is the default: the faster on this project's CPUs (throughput.md)
 
 def train_format(args) -> dict:
     "The training format the flags ask for (defaults where a flag is absent): hashed into every run's settings"
-    return dict(channels_last=bool(getattr(args, 'channels_last', True)), bf16=bool(getattr(args, 'bf16', False)))
+    return dict(channels_last=bool(getattr(args, 'channels_last', True)), bf16=bool(getattr(args, 'bf16', False)),
+                optimiser='torch-' + getattr(args, 'opt_impl', OPT_IMPLS[0]))
+
+def set_optimiser(learn, optimiser:str) -> str:
+    """Make `learn` step its optimiser with torch's `optimiser` kernels ('torch-foreach' or 'torch-fused'); its
+    `opt_func` must be one of `corsd_suite.optim` (fastai's algorithm, torch's kernels): a clear error otherwise"""
+    from functools import partial
+    from corsd_suite.optim import TorchOpt
+    of = learn.opt_func
+    if not (isinstance(of, partial) and of.func is TorchOpt):
+        raise ValueError(f"the runner trains with torch's optimiser kernels: build the learner with an `opt_func` of "
+                         f"corsd_suite.optim (adam(), sgd(...)), not {getattr(of, '__name__', of)!r}")
+    impl = optimiser.removeprefix('torch-')
+    if impl not in OPT_IMPLS: raise ValueError(f"optimiser must be one of {['torch-' + i for i in OPT_IMPLS]}, not {optimiser!r}")
+    torch_opt = of.keywords['opt']
+    kw = {k: v for k, v in torch_opt.keywords.items() if k not in OPT_IMPLS}
+    if learn.opt is not None and not torch_opt.keywords.get(impl): learn.opt = None   # built with other kernels: rebuilt by fit
+    learn.opt_func = partial(TorchOpt, **dict(of.keywords, opt=partial(torch_opt.func, **kw, **{impl: True})))
+    return optimiser
 
 def subnormals(n:int) -> torch.Tensor:
     "`n` float32 subnormals (~1.5e-39), made from their bits: a float conversion would flush them where flushing is on"
@@ -194,6 +216,7 @@ def set_train_format(learn, fmt:dict) -> dict:
     if fmt.get('channels_last') and channels_last_hazards(learn.model): fmt['channels_last'] = False
     if fmt.get('channels_last') and not hasattr(learn, 'channels_last'): learn.add_cb(ChannelsLast())
     if fmt.get('bf16') and not hasattr(learn, 'autocast'): learn.add_cb(Autocast())
+    if fmt.get('optimiser'): set_optimiser(learn, fmt['optimiser'])
     return fmt
 
 class EpochCheckpoint(Callback):
@@ -456,7 +479,7 @@ def runs_table(runs:dict) -> str:
     "A markdown table of runs: id, commit, device, threads, format, subnormals, load, s/epoch (comparable between runs made alone)"
     if not runs: return '_none_'
     rows = [{'run': rid, 'commit': (r['git']['commit'] or '?')[:10] + ('+dirty' if r['git']['dirty'] else ''),
-             'device': r['device'], 'threads': r['threads'], 'format': fmt_str(r.get('train_format')) + (' → contiguous' if r.get('contiguous_stages') else ''), 'load start/end': f"{r['load_start']}/{r['load_end']}",
+             'device': r['device'], 'threads': r['threads'], 'format': fmt_str(r.get('train_format'), bool(r.get('contiguous_stages'))), 'load start/end': f"{r['load_start']}/{r['load_end']}",
              'subnormals': subnormal_mode(r), 'alone': 'no (overloaded)' if r['overloaded'] else 'yes', 'resumed': r['resumed'],
              's/epoch': '' if r['sec_per_epoch'] is None else f"{r['sec_per_epoch']:.2f}" + ('' if not r['overloaded'] else ' (not comparable)'),
              'wall s': f"{r['wall_seconds']:.0f}"} for rid, r in runs.items()]
@@ -469,10 +492,12 @@ def subnormal_mode(run:dict) -> str:
     if None in modes: return '?'
     return 'mixed' if len(modes) > 1 else 'flushed' if modes.pop() else 'kept'
 
-def fmt_str(fmt:dict|None) -> str:
-    "A training format in a few characters: 'channels_last', 'channels_last+bf16', 'contiguous', '?' (not recorded)"
+def fmt_str(fmt:dict|None, contiguous:bool=False) -> str:
+    """A training format in a few characters: 'channels_last, torch-foreach', 'contiguous+bf16, torch-fused', '?' (not
+    recorded); `contiguous`: some stages trained contiguous where channels_last was asked"""
     if fmt is None: return '?'
-    return ('channels_last' if fmt.get('channels_last') else 'contiguous') + ('+bf16' if fmt.get('bf16') else '')
+    return (('channels_last' if fmt.get('channels_last') else 'contiguous') + ('+bf16' if fmt.get('bf16') else '')
+            + (' → contiguous' if contiguous else '') + (f", {fmt['optimiser']}" if fmt.get('optimiser') else ''))
 
 def runs_section(runs:dict, missing:list, stale:dict, other:list) -> str:
     "The runs part of a results page: table, code versions, missing runs, results not used and why"

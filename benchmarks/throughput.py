@@ -134,7 +134,7 @@ def bare_img_s(model:nn.Module, loss_func, dl, a, dev, autocast=None, channels_l
     "Training images/s of a plain PyTorch loop (torch Adam, foreach) over the same DataLoader's batches"
     model.to(dev).train()
     if channels_last: model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    opt = torch.optim.Adam(model.parameters(), 1e-3, foreach=True)
     fwd = model if step is None else step
     t0, images = None, 0
     for i, (x, y) in enumerate(dl):

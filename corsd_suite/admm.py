@@ -14,12 +14,12 @@ from fastcore.all import *
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 import fastai.callback.schedule  # Learner.fit_one_cycle, used by admm_prune
-from .core import check_finite, seed_everything, demo_row, unwrap, save_atomic, _plain
+from .core import check_finite, check_param, seed_everything, demo_row, unwrap, save_atomic, _plain
 
 # %% auto #0
-__all__ = ['KINDS', 'LENET5_LAYERS', 'ADMM_LENET5_KEEP', 'topk_mask', 'prune_mask', 'prune_unstructured', 'group_matrix',
-           'group_mask', 'prune_structured', 'max_level', 'quantize_to', 'best_interval', 'quantize', 'Target',
-           'project', 'weight_layers', 'as_targets', 'resolve_targets', 'ADMMState', 'ADMM', 'ADMMCallback',
+__all__ = ['KINDS', 'MAX_DECODED_BYTES', 'LENET5_LAYERS', 'ADMM_LENET5_KEEP', 'topk_mask', 'prune_mask', 'prune_unstructured',
+           'group_matrix', 'group_mask', 'prune_structured', 'max_level', 'quantize_to', 'best_interval', 'quantize',
+           'Target', 'project', 'weight_layers', 'as_targets', 'resolve_targets', 'ADMMState', 'ADMM', 'ADMMCallback',
            'HardPruneState', 'HardPrune', 'HardPruneCallback', 'relative_index_entries', 'layer_storage',
            'plain_state_dict', 'compression_report', 'apply_targets', 'export_compressed', 'CompressedFileError',
            'compressed_bytes', 'save_compressed', 'read_compressed', 'load_compressed', 'lenet5_targets', 'admm_prune',
@@ -99,7 +99,8 @@ def prune_structured(w:torch.Tensor, # conv or linear weight
 def max_level(bits:int # bit width (integer >= 1)
              ) -> int:
     "Largest level index M: levels are {0, ±q, …, ±Mq} (1 bit: {±q})"
-    if int(bits) != bits or bits < 1: raise ValueError(f"bits must be an integer >= 1; got {bits}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or int(bits) != bits or bits < 1:
+        raise ValueError(f"bits must be an integer >= 1; got {bits!r}")
     return 1 if bits == 1 else 2**(int(bits)-1) - 1
 
 def quantize_to(w:torch.Tensor, # tensor to round
@@ -718,8 +719,13 @@ def _load_torch_file(model:nn.Module, fname:Path) -> nn.Module:
     except Exception as e:
         raise ValueError(f"cannot read compressed model {fname}: truncated, corrupt, or holding objects other than tensors "
                          f"and plain data ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(d, dict) or 'state_dict' not in d: raise ValueError(f"{fname} was not written by `export_compressed` or `save_compressed`")
-    unwrap(model).load_state_dict(d['state_dict'])
+    sd = d.get('state_dict') if isinstance(d, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{fname} was not written by `export_compressed` or `save_compressed`")
+    m = unwrap(model)
+    _check_fits({k: (v.shape, v.dtype) for k, v in sd.items()}, plain_state_dict(m), fname)
+    _check_finite_sd(sd, fname)
+    m.load_state_dict(sd, strict=False)
     return model
 
 # %% ../nbs/40_admm.ipynb #b6ea019a
@@ -727,6 +733,7 @@ class CompressedFileError(ValueError):
     "A compressed model file that is missing, truncated, tampered with or not of this format (the message names the file)"
 
 _MAGIC, _FMT_VERSION, _MAX_HEADER = b'CORSDZ\x00\x01', 1, 1 << 20
+MAX_DECODED_BYTES = 1 << 30   # the most bytes the tensors of a file read without a model may declare (LeNet-5: 1.7 MB)
 _DTYPES = {str(d).removeprefix('torch.'): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16,
                                                       torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
@@ -845,6 +852,25 @@ def _decode_weight(h:dict, secs:list) -> torch.Tensor:
         out[pos] = values(vc[real], nz)
     return torch.from_numpy(np.ascontiguousarray(out).reshape(shape).copy()).to(_DTYPES[h['dtype']])
 
+def _check_fits(found:dict, # {name: (shape, dtype)} of the tensors a file holds
+                want:dict, # the state dict they must fill
+                fname):
+    "CompressedFileError unless the file holds exactly `want`'s tensors, each with its shape and a dtype it can be read as"
+    missing, extra = sorted(set(want) - set(found)), sorted(set(found) - set(want))
+    if missing or extra: raise CompressedFileError(f"{fname} does not fit this architecture: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, (shape, dtype) in found.items():
+        w = want[k]
+        if tuple(shape) != tuple(w.shape):
+            raise CompressedFileError(f"{fname} does not fit this architecture: {k} has shape {tuple(shape)} there, {tuple(w.shape)} here")
+        if dtype != w.dtype and not (dtype.is_floating_point and w.dtype.is_floating_point):   # bits of one kind never read as another
+            raise CompressedFileError(f"{fname} does not fit this architecture: {k} is {dtype} there, {w.dtype} here")
+
+def _check_finite_sd(sd:dict, fname):
+    "CompressedFileError naming the first floating tensor of `sd` with a NaN or an infinity"
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CompressedFileError(f"compressed model {fname}: {k} holds NaN or infinite values")
+
 def _weight_keys(model:nn.Module) -> set:
     return {f'{n}.weight' for n, m in weight_layers(model).items() if m.weight.ndim >= 2}
 
@@ -858,6 +884,7 @@ def compressed_bytes(model:nn.Module, # the (pruned, quantized) model
     for k, v in plain_state_dict(m).items():
         v = v.detach().cpu()
         if str(v.dtype).removeprefix('torch.') not in _DTYPES: raise TypeError(f"tensor {k} has dtype {v.dtype}, which the compressed format does not store")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()): raise ValueError(f"{k} holds NaN or infinite values: nothing to compress")
         if k in wk: h, secs = _encode_weight(v, index_bits)
         else: h, secs = dict(enc='raw'), [v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b'']   # 0-dim too
         h.update(name=k, shape=list(v.shape), dtype=str(v.dtype).removeprefix('torch.'))
@@ -888,7 +915,8 @@ def save_compressed(model:nn.Module, # the trained model (pruned and quantized, 
         raise
     return fname
 
-def read_compressed(fname # a file written by `save_compressed`
+def read_compressed(fname, # a file written by `save_compressed`
+                    like:dict|None=None # the state dict the file must fit (names, shapes, dtypes), checked before decoding
                    ) -> dict:
     "The state dict stored in a `save_compressed` file (numpy reads only: no code runs); CompressedFileError names the file on any fault"
     fname = Path(fname)
@@ -907,8 +935,17 @@ def read_compressed(fname # a file written by `save_compressed`
             raise ValueError("not a corsd_suite.compressed header of version 1")
         if not isinstance(head.get('sha256'), str) or not isinstance(head.get('tensors'), list): raise ValueError("no checksum or tensor list")
         for h in head['tensors']: _check_entry(h)
+        if len({h['name'] for h in head['tensors']}) != len(head['tensors']): raise ValueError("a tensor name repeats")
         sizes = [_expected_sizes(h, h['shape']) for h in head['tensors']]
-    except (ValueError, KeyError, TypeError, AttributeError, zlib.error) as e: raise bad(f"bad header ({type(e).__name__}: {e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, zlib.error) as e:
+        raise bad(f"bad header ({type(e).__name__}: {str(e)[:200]})") from None
+    found = {h['name']: (h['shape'], _DTYPES[h['dtype']]) for h in head['tensors']}
+    if like is not None: _check_fits(found, like, fname)     # before any tensor is made: declared shapes bounded by the model
+    else:
+        declared = sum(math.prod(s) * d.itemsize for s, d in found.values())
+        if declared > MAX_DECODED_BYTES:
+            raise bad(f"its tensors declare {declared:,} bytes, more than MAX_DECODED_BYTES = {MAX_DECODED_BYTES:,}; "
+                      f"`load_compressed` with the model reads files as large as the model itself")
     if start + sum(map(sum, sizes)) != len(data):
         raise bad(f"{len(data)} bytes on disk, the header describes {start + sum(map(sum, sizes))}")
     if hashlib.sha256(data[start:]).hexdigest() != head['sha256']: raise bad("the payload's checksum does not match the header's")
@@ -921,6 +958,7 @@ def read_compressed(fname # a file written by `save_compressed`
                 sd[h['name']] = torch.frombuffer(bytearray(secs[0]), dtype=torch.uint8).view(_DTYPES[h['dtype']]).reshape(h['shape']).clone() if secs[0] else torch.zeros(h['shape'], dtype=_DTYPES[h['dtype']])
             else: sd[h['name']] = _decode_weight(h, secs)
         except (ValueError, RuntimeError) as e: raise bad(f"{h['name']}: {e}") from None
+    _check_finite_sd(sd, fname)
     return sd
 
 def load_compressed(model, # the plain architecture: a model, or a function of no arguments that builds one
@@ -932,14 +970,8 @@ def load_compressed(model, # the plain architecture: a model, or a function of n
     if not isinstance(model, nn.Module): model = model()
     with open(fname, 'rb') as f: magic = f.read(len(_MAGIC))
     if magic != _MAGIC: return _load_torch_file(model, fname)
-    sd, m = read_compressed(fname), unwrap(model)
-    want = plain_state_dict(m)
-    if set(sd) != set(want):
-        raise CompressedFileError(f"{fname} does not fit this architecture: missing {sorted(set(want) - set(sd))[:5]}, "
-                                  f"unexpected {sorted(set(sd) - set(want))[:5]}")
-    for k, v in sd.items():
-        if v.shape != want[k].shape: raise CompressedFileError(f"{fname} does not fit this architecture: {k} has shape {tuple(v.shape)} there, {tuple(want[k].shape)} here")
-    m.load_state_dict(sd, strict=False)
+    m = unwrap(model)
+    m.load_state_dict(read_compressed(fname, like=plain_state_dict(m)), strict=False)
     return model
 
 # %% ../nbs/40_admm.ipynb #8d4099e9
@@ -983,6 +1015,7 @@ def admm_prune(learn, # the learner to prune (its callbacks are registered on it
                every:int=1, # ADMM update every `every` `unit`s
                unit:str='epoch'): # 'epoch' or 'batch'
     "ADMM (`admm_epochs`), hard pruning, masked retraining (`retrain_epochs`); returns (ADMMCallback, HardPruneCallback)"
+    check_param('admm_epochs', admm_epochs, 0, integer=True); check_param('retrain_epochs', retrain_epochs, 0, integer=True)
     admm = ADMMCallback(targets, rho=rho, rho_schedule=rho_schedule, every=every, unit=unit)
     hard = HardPruneCallback(targets)
     if admm_epochs:
@@ -999,6 +1032,7 @@ def magnitude_prune(learn, # the learner to prune (the callback is registered on
                     lr:float=2e-3 # maximum learning rate
                    ) -> HardPruneCallback:
     "Magnitude pruning to `targets`, then masked retraining for `epochs` (one stage of iterative pruning)"
+    check_param('epochs', epochs, 0, integer=True)
     hard = _swap_cb(learn, HardPruneCallback(targets))
     _fit_stage(learn, epochs, lr, hard)
     return hard

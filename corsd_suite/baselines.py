@@ -10,9 +10,9 @@ import math
 import torch, torch.nn.functional as F
 from torch import nn
 from fastcore.all import *
-from .core import grad_scale, check_finite, model_device
+from .core import grad_scale, check_finite, check_param, model_device
 from .models import StagedNet
-from .calibration import bn_layers, endless, check_param, check_dl
+from .calibration import bn_layers, endless, check_dl
 
 # %% auto #0
 __all__ = ['adabn', 'endless_xy', 'dann_adapt']
@@ -66,7 +66,7 @@ def dann_adapt(clf:StagedNet, # a zoo model (with `features` and `head`), fine-t
     dev = model_device(clf.requires_grad_(True))   # it fine-tunes the classifier, also one frozen before
     with torch.no_grad(): nf = clf.features(next(iter(source_dl))[0][:2].to(dev)).flatten(1).shape[1]
     disc = nn.Sequential(nn.Linear(nf, hidden), nn.ReLU(True), nn.Linear(hidden, hidden), nn.ReLU(True), nn.Linear(hidden, 2)).to(dev)
-    opt = torch.optim.Adam(list(clf.parameters()) + list(disc.parameters()), lr=lr, weight_decay=wd)
+    opt = torch.optim.Adam(list(clf.parameters()) + list(disc.parameters()), lr=lr, weight_decay=wd, foreach=True)
     src, tgt = endless_xy(source_dl), endless(target_dl)
     clf.train()
     try:

@@ -12,32 +12,14 @@ from torch import nn
 from fastcore.all import *
 from fastai.learner import Callback
 from fastai.torch_core import params
-from .core import check_images, model_device, unwrap
+from .core import check_images, check_param, model_device, unwrap
 from .interop import PixelMap
 from .data import check_dls_nonempty
 
 # %% auto #0
-__all__ = ['check_param', 'check_dls', 'check_dl', 'check_batch', 'size_error', 'check_classifier', 'endless', 'ResnetBlock',
-           'resnet_generator', 'Calibrator', 'bn_layers', 'set_frozen_mode', 'freeze_model', 'bn_state',
-           'CalibratedModel', 'calibrator_splitter', 'FreezeClassifier']
-
-# %% ../nbs/04_calibration.ipynb #4dd2765b
-def check_param(name:str, # the hyper-parameter's name, used in the message
-                v, # its value
-                lo:float|None=None, # lower bound (None: none)
-                hi:float|None=None, # upper bound (None: none)
-                lo_open:bool=False, # `v` must be strictly greater than `lo`
-                hi_open:bool=False, # `v` must be strictly smaller than `hi`
-                integer:bool=False): # `v` must be an int (not a bool)
-    "Return `v` if it is a finite number in the range, else raise a `ValueError` naming `name` and the range"
-    ok = isinstance(v, int) and not isinstance(v, bool) if integer else (isinstance(v, (int, float)) and not isinstance(v, bool))
-    if ok and not integer: ok = math.isfinite(v)
-    if ok and lo is not None: ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None: ok = v < hi if hi_open else v <= hi
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} in {rng}, got {v!r}")
-    return v
+__all__ = ['check_dls', 'check_dl', 'check_batch', 'size_error', 'check_classifier', 'endless', 'ResnetBlock', 'resnet_generator',
+           'Calibrator', 'bn_layers', 'set_frozen_mode', 'freeze_model', 'bn_state', 'CalibratedModel',
+           'calibrator_splitter', 'FreezeClassifier']
 
 # %% ../nbs/04_calibration.ipynb #6895e172
 def _n_items(dl):
@@ -55,7 +37,8 @@ def check_dls(dls, # fastai `DataLoaders`
 
 def check_dl(dl, # a DataLoader of images
              what:str='target DataLoader'): # how the message names it
-    "Raise a `ValueError` if `dl`'s dataset is empty"
+    "Raise a `ValueError` if `dl` is not a loader (None, say) or its dataset is empty"
+    if dl is None or not hasattr(dl, '__iter__'): raise ValueError(f"the {what} must be a DataLoader of images, got {type(dl).__name__}")
     if _n_items(dl) == 0: raise ValueError(f"the {what} is empty (its dataset has no items)")
     return dl
 

@@ -12,15 +12,15 @@ from torch import nn
 import torch.distributed as dist
 from fastcore.all import *
 from fastai.learner import Learner, Callback, ValueMetric
-from fastai.optimizer import Adam
+from .optim import adam
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.data.core import DataLoaders
-from .core import check_finite, check_images, model_device, demo_row, seed_everything, unwrap
+from .core import check_finite, check_images, check_param, model_device, demo_row, seed_everything, unwrap
 from .models import dtn
 from .data import ImageSet
-from .interop import PixelMap, batch_normalize, data_spec
-from .calibration import (Calibrator, CalibratedModel, calibrator_splitter, bn_state, check_param, check_dls,
+from .interop import PixelMap, batch_normalize, data_spec, checked_cbs
+from .calibration import (Calibrator, CalibratedModel, calibrator_splitter, bn_state, check_dls,
                                      check_dl, check_batch, check_classifier, _init_gen)
 
 # %% auto #0
@@ -232,7 +232,7 @@ class DiscriminatorTrainer:
                  use_pix:bool=True): # train and use the pixel discriminator
         store_attr('m,use_pix')
         self.params = m.d_params()
-        self.opt = torch.optim.Adam(self.params, lr=lr, betas=betas, weight_decay=wd)
+        self.opt = torch.optim.Adam(self.params, lr=lr, betas=betas, weight_decay=wd, foreach=True)
     @property
     def discriminators(self) -> list: return [self.m.d_out, self.m.d_pix] if self.use_pix else [self.m.d_out]
     def sync(self):
@@ -405,8 +405,8 @@ def calibrator_learner(dls, # source `DataLoaders`, any fastai ones (valid: the 
     model = CalibratorModule(cal, clf, **{'n_classes': spec.c, 'n_in': spec.n_channels, 'pixels': pixels, **(model_kw or {})})
     cb = CalibratorCallback(target_dl, **(cb_kw or {}))
     kw = dict(loss_func=CrossEntropyLossFlat(), splitter=calibrator_splitter,
-              opt_func=partial(Adam, sqr_mom=0.999, eps=1e-8, wd=wd, decouple_wd=False))
-    return Learner(dls, model, metrics=list(L(metrics)) + cb.metrics, cbs=[cb] + list(L(cbs)), **{**kw, **kwargs})
+              opt_func=adam(sqr_mom=0.999, eps=1e-8, wd=wd, decouple_wd=False))
+    return Learner(dls, model, metrics=list(L(metrics)) + cb.metrics, cbs=[cb] + checked_cbs(cbs), **{**kw, **kwargs})
 
 # %% ../nbs/30_calibrator.ipynb #3494bbcd
 def erode_images(x:torch.Tensor, # uint8 images (N×C×H×W)

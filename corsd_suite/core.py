@@ -16,8 +16,8 @@ from fastai.callback.hook import hook_outputs
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'DEMO_ROWS', 'BENCHMARK_URL', 'seed_everything', 'best_device', 'model_device', 'trim_memory',
            'unwrap', 'get_stages', 'StageHooks', 'stage_features', 'save_atomic', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'check_finite', 'check_images', 'grad_scale',
-           'demo_row', 'benchmark_markdown', 'show_benchmark']
+           'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'check_finite', 'check_images', 'check_param',
+           'grad_scale', 'demo_row', 'benchmark_markdown', 'show_benchmark']
 
 # %% ../nbs/00_core.ipynb #28e38d76
 def seed_everything(seed:int=42, # seed for Python's `random`, NumPy and torch (on every device)
@@ -324,6 +324,24 @@ def check_images(x:torch.Tensor, # the batch to check
     if n_ch is not None and x.shape[1] != n_ch:
         raise ValueError(f"{what} has {x.shape[1]} channels, expected {n_ch}; shape {tuple(x.shape)}")
     return x
+
+# %% ../nbs/00_core.ipynb #cb774625
+def check_param(name:str, # the hyper-parameter's name, used in the message
+                v, # its value
+                lo:float|None=None, # lower bound (None: none)
+                hi:float|None=None, # upper bound (None: none)
+                lo_open:bool=False, # `v` must be strictly greater than `lo`
+                hi_open:bool=False, # `v` must be strictly smaller than `hi`
+                integer:bool=False): # `v` must be an int (not a bool)
+    "Return `v` if it is a finite number in the range, else raise a `ValueError` naming `name` and the range"
+    ok = isinstance(v, int) and not isinstance(v, bool) if integer else (isinstance(v, (int, float)) and not isinstance(v, bool))
+    if ok and not integer: ok = math.isfinite(v)
+    if ok and lo is not None: ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None: ok = v < hi if hi_open else v <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} in {rng}, got {v!r}")
+    return v
 
 # %% ../nbs/00_core.ipynb #17424829
 class _GradScale(torch.autograd.Function):

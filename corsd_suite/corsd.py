@@ -16,30 +16,20 @@ from fastai.torch_core import num_distrib
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 import fastai.callback.schedule  # fit_one_cycle
-from .core import unwrap, get_stages, stage_features, check_finite, check_images, model_device, seed_everything, demo_row, trim_memory
+from .core import check_param, unwrap, get_stages, stage_features, check_finite, check_images, model_device, seed_everything, demo_row, trim_memory
 from .data import TensorDL, check_dls_nonempty
 from .models import get_model
 from .evaluate import eval_mode, evaluate_accuracy
-from .interop import data_spec, dl_labels, find_stages, model_for
+from .interop import data_spec, dl_labels, find_stages, model_for, checked_cbs
+from .optim import adam
 
 # %% auto #0
-__all__ = ['BYOT_WEIGHTS', 'CORSD_WEIGHTS', 'check_hyper', 'triplet_tables', 'triplet_idxs', 'check_triplets', 'TripletDL',
-           'TripletTfmdDL', 'triplet_dls', 'SepConv', 'sep_trunk', 'init_cnn_', 'RelationNet', 'PrototypeNet',
-           'BYOTExit', 'stage_shapes', 'MultiExitNet', 'exit_outputs', 'multi_exit', 'soft_ce', 'target_ce', 'BYOTLoss',
+__all__ = ['BYOT_WEIGHTS', 'CORSD_WEIGHTS', 'triplet_tables', 'triplet_idxs', 'check_triplets', 'TripletDL', 'TripletTfmdDL',
+           'triplet_dls', 'SepConv', 'sep_trunk', 'init_cnn_', 'RelationNet', 'PrototypeNet', 'BYOTExit',
+           'stage_shapes', 'MultiExitNet', 'exit_outputs', 'multi_exit', 'soft_ce', 'target_ce', 'BYOTLoss',
            'pair_outputs', 'CORSDLoss', 'proto_term', 'exit_accuracies', 'relation_scores', 'ExitAccuracy', 'LossTerm',
            'SelfDistillCallback', 'BYOTCallback', 'CORSDCallback', 'exit_metrics', 'byot_learner', 'corsd_learner',
            'exit_learner', 'corsd_row']
-
-# %% ../nbs/10_corsd.ipynb #9aedc764
-def check_hyper(name:str, # the hyper-parameter's name, for the message
-                v, # its value
-                lo:float=0., # smallest value allowed
-                hi:float=math.inf, # largest value allowed
-                lo_open:bool=False): # True: `lo` itself is not allowed
-    "Raise a `ValueError` naming `name` unless `v` is a finite number in [`lo`, `hi`] (or (`lo`, `hi`] with `lo_open`)"
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
-    if not ok: raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
-    return float(v)
 
 # %% ../nbs/10_corsd.ipynb #cc396ab2
 def triplet_tables(y:torch.Tensor # labels of the dataset
@@ -143,6 +133,7 @@ def triplet_dls(dls:DataLoaders, # fastai `DataLoaders`: the package's `image_dl
     if not isinstance(tr, (TensorDL, TfmdDL)):
         raise TypeError(f"triplet_dls draws triplets from the package's `TensorDL` (from `image_dls`) or a fastai `TfmdDL` "
                         f"(from a `DataBlock` or `ImageDataLoaders`); the training loader is a {type(tr).__name__}")
+    if n_triplets is not None: check_param('n_triplets', n_triplets, 1, integer=True)
     n = n_triplets or max(tr.bs // 3, 1)
     if n < 1: raise ValueError(f"n_triplets must be at least 1, got {n}")
     if not isinstance(tr, TensorDL): return _tfmd_triplets(dls, tr, n)
@@ -214,7 +205,7 @@ class PrototypeNet(nn.Module):
     def __init__(self, n_classes:int, # number of classes K
                  momentum:float=0.1): # weight of a batch's class mean in the running prototypes
         super().__init__()
-        self.momentum = check_hyper('momentum', momentum, 0., 1., lo_open=True)
+        self.momentum = float(check_param('momentum', momentum, 0, 1, lo_open=True))
         self.g = nn.Sequential(nn.Linear(2*n_classes, 1), nn.BatchNorm1d(1), nn.ReLU(inplace=True), nn.Linear(1, 1))
         self.register_buffer('protos', torch.eye(n_classes))
     @torch.no_grad()
@@ -372,8 +363,8 @@ class BYOTLoss:
     def __init__(self, T:float=3., # temperature of the soft cross-entropy
                  alpha:float=0.3, # soft-CE weight per shallow exit (CE gets 1-alpha)
                  lam:float=0.03): # hint weight
-        self.T, self.alpha = check_hyper('T', T, 0., lo_open=True), check_hyper('alpha', alpha, 0., 1.)
-        self.lam = check_hyper('lam', lam)
+        self.T, self.alpha = float(check_param('T', T, 0, lo_open=True)), float(check_param('alpha', alpha, 0, 1))
+        self.lam = float(check_param('lam', lam, 0))
     def __call__(self, net:MultiExitNet, out:torch.Tensor, feats:list, y:torch.Tensor) -> dict:
         "The terms (a dict) for the batch whose backbone logits are `out`, stage maps `feats`, labels `y`"
         if not len(net.heads): raise ValueError("BYOT needs exits: build the model with `multi_exit(..., exits=True)`")
@@ -403,8 +394,8 @@ class CORSDLoss:
                  **weights): # overrides of `CORSD_WEIGHTS` (each ≥ 0)
         bad = set(weights) - set(CORSD_WEIGHTS)
         if bad: raise ValueError(f"unknown CORSD loss weight(s) {sorted(bad)}; the terms are {list(CORSD_WEIGHTS)}")
-        self.T, self.margin = check_hyper('T', T, 0., lo_open=True), check_hyper('margin', margin)
-        self.w = {k: check_hyper(k, weights.get(k, v)) for k,v in CORSD_WEIGHTS.items()}
+        self.T, self.margin = float(check_param('T', T, 0, lo_open=True)), float(check_param('margin', margin, 0))
+        self.w = {k: float(check_param(k, weights.get(k, v), 0)) for k,v in CORSD_WEIGHTS.items()}
     def __call__(self, net:MultiExitNet, out:torch.Tensor, feats:list, y:torch.Tensor) -> dict:
         "The terms (a dict) for a triplet batch `[a0,p0,n0,...]` with backbone logits `out`, stage maps `feats`, labels `y`"
         if net.relations is None: raise ValueError("CORSD needs relation networks: build the model with `multi_exit(..., relations=True)`")
@@ -448,6 +439,7 @@ def exit_accuracies(model:MultiExitNet, # a wrapper (or a learner's model holdin
             zs = zs + ([torch.stack([F.softmax(z, 1) for z in zs]).mean(0)] if len(zs) > 1 else [])
             c = torch.stack([(z.argmax(1) == yb).sum() for z in zs])
             correct = c if correct is None else correct + c; n += len(yb)
+    if not n: raise ValueError("exit_accuracies got no images: the DataLoader is empty")
     names = [f'exit{i}' for i in range(1, model.n_exits)] + ['deepest'] + (['ensemble'] if model.n_exits > 1 else [])
     return dict(zip(names, (correct.double()/n).tolist()))
 
@@ -588,7 +580,8 @@ def _exit_net(dls, arch, model_kw, exits, relations, stages):
     return multi_exit(m, spec.n_channels, spec.size, n_out=spec.c, exits=exits, relations=relations, stages=stages)
 
 def _learner(dls, net, cb, cbs, metrics, kwargs):
-    return Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=L(metrics) + exit_metrics(net, cb), cbs=[cb] + list(L(cbs)), **kwargs)
+    return Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=L(metrics) + exit_metrics(net, cb), cbs=[cb] + checked_cbs(cbs),
+                   **{**dict(opt_func=adam()), **kwargs})
 
 # %% ../nbs/10_corsd.ipynb #26dccb27
 def byot_learner(dls, # fastai `DataLoaders`: the package's `image_dls` or a `DataBlock`'s

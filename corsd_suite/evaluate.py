@@ -14,7 +14,7 @@ from fastcore.all import *
 from fastprogress.fastprogress import progress_bar
 from .core import model_device, check_images, save_atomic
 from .data import resize_images
-from .interop import PixelMap
+from .interop import PixelMap, batch_normalize, check_input_batch
 
 # %% auto #0
 __all__ = ['CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'eval_mode', 'pbar', 'evaluate_accuracy', 'grad_steps', 'fgsm', 'pgd',
@@ -48,7 +48,8 @@ def evaluate_accuracy(model:nn.Module, # classifier returning logits
                       dl, # (x, y) batches, e.g. a fastai `DataLoader`
                       tfm=None, # `tfm(x, y) -> x` applied to each batch on the model's device (e.g. an attack)
                       show:bool=True, # show a progress bar
-                      pixels:PixelMap|None=None # the batches' `PixelMap`: `tfm` then gets and returns pixels in [0, 1]; None: batches as loaded
+                      pixels:PixelMap|None=None, # the batches' `PixelMap`: `tfm` then gets and returns pixels in [0, 1]; None: batches as loaded
+                      pixel_range:tuple|None=(0., 1.) # where the first batch's pixels must lie (`check_input_batch`); None: not checked
                      ) -> float:
     "Top-1 accuracy of `model` over `dl`, after applying `tfm(x, y)` to each batch if given"
     dev, correct, n = model_device(model), 0, 0
@@ -58,9 +59,12 @@ def evaluate_accuracy(model:nn.Module, # classifier returning logits
     with eval_mode(model):
         for xb,yb in pbar(dl, 'accuracy', show):
             xb,yb = xb.to(dev), yb.to(dev)
+            if not n: check_input_batch(xb, normalize=pixels.stats if pixels is not None else batch_normalize(dl),
+                                        pixel_range=pixel_range, what='the first evaluate_accuracy batch')
             if tfm is not None: xb = tfm(xb, yb)
-            with torch.no_grad(): correct += (model(xb).argmax(1) == yb).sum().item()
-            n += len(yb)
+            with torch.no_grad(): out = model(xb)
+            if not n: check_input_batch(xb, yb, n_classes=out.shape[1], pixel_range=None, what="the first evaluate_accuracy batch (against the model's classes)")
+            correct += (out.argmax(1) == yb).sum().item(); n += len(yb)
     if n == 0: raise ValueError("evaluate_accuracy got an empty DataLoader")
     return correct / n
 
@@ -164,8 +168,9 @@ def attack_accuracy(model:nn.Module, # classifier in pixel space, returning logi
     pm = PixelMap.from_dls(dl) if pixels is None else pixels
     kw = kwargs if pm.identity else {**kwargs, 'pixels': pm}
     rows = []
+    check_input_batch(next(iter(dl))[0], normalize=pm.stats, what=f'the first {attack} batch')   # pixels read through `pm`
     for eps in pbar(list(eps_list), attack, show):
-        acc = evaluate_accuracy(model, dl, tfm=lambda x,y: fn(model, x, y, eps, **kw), show=False)
+        acc = evaluate_accuracy(model, dl, tfm=lambda x,y: fn(model, x, y, eps, **kw), show=False, pixel_range=None)
         rows.append(dict(attack=attack, eps=float(eps), accuracy=acc, **{k:v for k,v in kwargs.items() if isinstance(v,(int,float,str))}))
     return pd.DataFrame(rows)
 

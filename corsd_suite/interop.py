@@ -11,11 +11,13 @@ import torch
 from torch import nn
 from fastcore.all import *
 from fastai.learner import Learner
+from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from .core import unwrap, model_device
 
 # %% auto #0
-__all__ = ['batch_normalize', 'PixelMap', 'data_spec', 'dl_labels', 'find_stages', 'model_for', 'deployable']
+__all__ = ['batch_normalize', 'PixelMap', 'data_spec', 'dl_labels', 'check_input_batch', 'BatchCheck', 'checked_cbs',
+           'find_stages', 'model_for', 'deployable']
 
 # %% ../nbs/06_interop.ipynb #32bd2c78
 def batch_normalize(dls, # fastai `DataLoaders` or one `DataLoader`
@@ -47,6 +49,10 @@ class PixelMap(nn.Module):
         return cls(batch_normalize(dls))
     @property
     def identity(self) -> bool: return bool((self.mean == 0).all() and (self.std == 1).all())
+    @property
+    def stats(self) -> tuple|None:
+        "`(mean, std)` per channel, as `batch_normalize` gives them (None for the identity)"
+        return None if self.identity else (self.mean.flatten().cpu(), self.std.flatten().cpu())
     def to_pixels(self, x:torch.Tensor) -> torch.Tensor:
         "Pixels in [0, 1] of a batch as the loaders give it"
         return x * self.std + self.mean
@@ -99,6 +105,81 @@ def dl_labels(dl, # a training `DataLoader`: a fastai `TfmdDL` over `Datasets`, 
     try: y = torch.as_tensor([int(v) for v in ys], dtype=torch.long)
     except (TypeError, ValueError): raise ValueError("the dataset's targets are not single class labels (a CategoryBlock's): a method that needs classes cannot use them") from None
     return y
+
+# %% ../nbs/06_interop.ipynb #1ba07344
+def check_input_batch(x, # a batch of images (N, C, H, W), as the model receives it
+                      y=None, # its labels (integer class indices are checked; soft labels are not)
+                      normalize:tuple|None=None, # `(mean, std)` of the loaders' `Normalize` (`batch_normalize`); None: pixels
+                      n_classes:int|None=None, # the number of classes (None: labels not checked)
+                      n_ch:int|None=None, # the channels the model takes (None: any)
+                      pixel_range:tuple|None=(0., 1.), # where pixels must lie once `normalize` is undone (None: not checked)
+                      slack:float=0.05, # how far past `pixel_range` values may stray (interpolating augmentations)
+                      what:str='input batch'): # how the messages name the batch
+    "Return `x`, or raise a `ValueError` naming what is wrong with the batch: dtype, NaN/Inf, channels, pixel scale, labels"
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"{what} must be a batch of images of shape (N, C, H, W); got {getattr(x, 'shape', type(x).__name__)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{what} has dtype {x.dtype}: the methods take float images in [0, 1] (fastai's `IntToFloatTensor` "
+                         "in the batch transforms scales uint8 images, as `ImageBlock` adds it)")
+    if x.dtype == torch.float64: raise ValueError(f"{what} is float64 but the models are float32: convert the images with `.float()`")
+    if n_ch is not None and x.shape[1] != n_ch: raise ValueError(f"{what} has {x.shape[1]} channels, the model takes {n_ch}; shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()): raise ValueError(f"{what} holds NaN or infinite pixels")
+    if pixel_range is not None and x.numel():
+        p = x.float()
+        if normalize is not None:
+            m, s = (torch.as_tensor(v, dtype=torch.float, device=x.device).view(1, -1, 1, 1) for v in normalize)
+            p = p * s + m
+        lo, hi = float(p.min()), float(p.max()); a, b = pixel_range
+        if lo < a - slack or hi > b + slack:
+            where = ' once the loaders\' Normalize is undone' if normalize is not None else ''
+            hint = (" (0–255 pixels: scale them to [0, 1])" if hi > 2 else
+                    " (pixels in [-1, 1]? express that scale with fastai's `Normalize.from_stats(0.5, 0.5)`)" if lo < -0.5 else '')
+            raise ValueError(f"{what} has values in [{lo:.3g}, {hi:.3g}]{where}, outside the pixel range [{a:g}, {b:g}]{hint}")
+    if y is not None and n_classes is not None and isinstance(y, torch.Tensor) and not y.is_floating_point() and y.numel():
+        ylo, yhi = int(y.min()), int(y.max())
+        if ylo < 0 or yhi >= n_classes: raise ValueError(f"{what}'s labels run from {ylo} to {yhi}; the data has {n_classes} classes (0 to {n_classes - 1})")
+    return x
+
+# %% ../nbs/06_interop.ipynb #b76a46e5
+def _probe(model:nn.Module, x:torch.Tensor, what:str):
+    "One image of `x` through `model` in eval mode, without gradients; every module's mode restored; a shape error named"
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(): model(x[:1])
+    except RuntimeError as e:
+        if not any(k in str(e) for k in ('shape', 'size', 'channels', 'Expected')): raise
+        raise ValueError(f"{what} (images of {tuple(x.shape[1:])}) does not fit the model: {str(e)[:300]}. "
+                         "Was the model built for another image size or channel count?") from None
+    finally:
+        for m, t in modes: m.training = t
+
+# %% ../nbs/06_interop.ipynb #81244c1f
+class BatchCheck(Callback):
+    "`check_input_batch` on the first batch of every fit, validation and prediction run, and one image through the model"
+    order = -5   # before the callbacks that change a batch's format (ChannelsLast, autocast)
+    def __init__(self, pixel_range:tuple|None=(0., 1.), # see `check_input_batch` (None: scale not checked)
+                 slack:float=0.05): # see `check_input_batch`
+        self.pixel_range, self.slack, self.seen, self.in_fit = pixel_range, slack, set(), False
+    def before_fit(self): self.seen, self.in_fit = set(), True
+    def after_fit(self): self.in_fit = False
+    def before_validate(self):
+        if not self.in_fit: self.seen = set()    # `validate`/`get_preds` on their own: each run's first batch
+    def before_batch(self):
+        if self.training in self.seen or not len(self.learn.xb): return
+        self.seen.add(self.training)
+        what = f"the first {'training' if self.training else 'validation'} batch"
+        x, y = self.learn.xb[0], self.learn.yb[0] if len(self.learn.yb) else None
+        if not isinstance(x, torch.Tensor) or x.ndim != 4: return   # not images: nothing here to check
+        check_input_batch(x, y, batch_normalize(self.dls), getattr(self.dls, 'c', None), None, self.pixel_range, self.slack, what)
+        _probe(self.learn.model, x, what)
+
+# %% ../nbs/06_interop.ipynb #742aca83
+def checked_cbs(cbs=None # a learner's other callbacks (one, a list, or None)
+               ) -> list:
+    "`cbs` with a `BatchCheck` in front (none added when `cbs` holds one): what every `*_learner` of the package passes to `Learner`"
+    cbs = list(L(cbs))
+    return cbs if any(isinstance(c, BatchCheck) for c in cbs) else [BatchCheck()] + cbs
 
 # %% ../nbs/06_interop.ipynb #acfb27ad
 def _expand(model:nn.Module) -> list:

@@ -19,7 +19,8 @@ from .core import check_images, check_finite, grad_scale, demo_row, seed_everyth
 from .data import check_dls_nonempty
 from .models import get_model, staged_splitter, StagedNet
 from .evaluate import count_flops, evaluate_accuracy, eval_mode
-from .interop import PixelMap, data_spec, model_for, batch_normalize
+from .interop import PixelMap, data_spec, model_for, batch_normalize, checked_cbs
+from .optim import adam
 
 # %% auto #0
 __all__ = ['GLIMPSE_BN', 'CLUTTER_GLIMPSES', 'glimpse_theta', 'take_glimpse', 'glimpse_boxes', 'MGNet', 'mgnet_of',
@@ -398,7 +399,8 @@ def mgnet_learner(dls, # fastai `DataLoaders` of images and class labels (a `Dat
     model = MGNet(_backbone(dls, arch, kw, spec), **mkw)
     model.check_size(spec.size)
     kwargs.setdefault('metrics', [accuracy] + [GlimpseAccuracy(t) for t in range(model.n_glimpses)])
-    kwargs.setdefault('splitter', mgnet_splitter)
+    kwargs.setdefault('splitter', mgnet_splitter); kwargs.setdefault('opt_func', adam())
+    kwargs['cbs'] = checked_cbs(kwargs.get('cbs'))
     return Learner(dls, model, loss_func=MultiGlimpseLoss(model, **(cb_kw or {})), **kwargs)
 
 # %% ../nbs/20_mgnet.ipynb #f8c519c6
@@ -426,6 +428,7 @@ def backbone_learner(dls, # fastai `DataLoaders` of images and class labels
     model = _backbone(dls, arch, model_kw or {}, spec)
     kwargs.setdefault('metrics', accuracy)
     if isinstance(model, StagedNet): kwargs.setdefault('splitter', staged_splitter)
+    kwargs.setdefault('opt_func', adam()); kwargs['cbs'] = checked_cbs(kwargs.get('cbs'))
     return Learner(dls, model, loss_func=CheckedCrossEntropy(), **kwargs)
 
 # %% ../nbs/20_mgnet.ipynb #4c1a033c

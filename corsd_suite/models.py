@@ -14,7 +14,9 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 import fastai.callback.schedule  # Learner.fit_one_cycle and friends
-from .core import get_stages, unwrap, seed_everything
+from .core import check_param, get_stages, unwrap, seed_everything
+from .optim import adam
+from .interop import checked_cbs
 
 # %% auto #0
 __all__ = ['MODELS', 'Normalize', 'StagedNet', 'staged_splitter', 'pool_head', 'conv_bn', 'lenet5', 'count_params', 'BasicBlock',
@@ -83,13 +85,16 @@ def conv_bn(ni, # input channels
 def lenet5(n_in:int=1, # input channels
            n_out:int=10, # number of classes
            stats=None, # (mean, std) per channel to normalise inputs with; None: none
-           size:int=28 # side of the square input images in pixels (at least 16)
+           size:int=28, # side of the square input images in pixels (at least 16)
+           dropout:float=0. # dropout on fc1's output in training (the ADMM reference trains with 0.5); 0: none
           ) -> StagedNet:
     "LeNet-5 in the Caffe shape (conv 20, conv 50, fc 500, fc `n_out`) for `size`×`size` inputs"
+    if not 0 <= dropout < 1: raise ValueError(f"dropout must be in [0, 1), not {dropout!r}")
     s = ((size - 4)//2 - 4)//2
     stages = [nn.Sequential(nn.Conv2d(n_in, 20, 5), nn.MaxPool2d(2)),
               nn.Sequential(nn.Conv2d(20, 50, 5), nn.MaxPool2d(2))]
-    head = nn.Sequential(nn.Flatten(), nn.Linear(50*s*s, 500), nn.ReLU(inplace=True), nn.Linear(500, n_out))
+    act = nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(dropout)) if dropout else nn.ReLU(inplace=True)   # fc2 stays `head.3`
+    head = nn.Sequential(nn.Flatten(), nn.Linear(50*s*s, 500), act, nn.Linear(500, n_out))
     return StagedNet(nn.Identity(), stages, head, stats)
 
 # %% ../nbs/02_models.ipynb #165ba060
@@ -227,7 +232,11 @@ def get_model(name:str, # a key of `MODELS`, e.g. 'resnet8'
              ) -> StagedNet:
     "Build the zoo model `name` for `n_in` channels and `n_out` classes"
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")
-    return MODELS[name](n_in=n_in, n_out=n_out, stats=stats, **kwargs)
+    if 'width' in kwargs: check_param('width', kwargs['width'], 0, lo_open=True)
+    m = MODELS[name](n_in=n_in, n_out=n_out, stats=stats, **kwargs)
+    empty = [n for n, l in m.named_modules() if isinstance(l, (nn.Conv2d, nn.Linear)) and 0 in l.weight.shape]
+    if empty: raise ValueError(f"width {kwargs.get('width')!r} leaves {name} layer(s) {empty[:3]} without channels: use a larger width")
+    return m
 
 # %% ../nbs/02_models.ipynb #65d06832
 def zoo_learner(dls, # `DataLoaders` with `c`, `n_channels`, `size` and `stats`, e.g. from `corsd_suite.data.image_dls`
@@ -235,12 +244,14 @@ def zoo_learner(dls, # `DataLoaders` with `c`, `n_channels`, `size` and `stats`,
                 cbs=None, # fastai callbacks for the `Learner`
                 metrics=accuracy, # fastai metrics
                 loss_func=None, # None: `CrossEntropyLossFlat()`
+                model_kw:dict|None=None, # the model's own arguments (e.g. `dict(width=2)`, `dict(dropout=0.5)` for LeNet-5)
                 **kwargs # passed to fastai's `Learner` (opt_func, wd, path...)
                ) -> Learner:
-    "A fastai `Learner` training zoo model `arch` on `dls` (cross-entropy, accuracy)"
-    kw = dict(size=dls.size[0]) if arch=='lenet5' else {}
+    "A fastai `Learner` training zoo model `arch` on `dls` (cross-entropy, accuracy; `corsd_suite.optim.adam()` by default)"
+    kw = dict(dict(size=dls.size[0]) if arch=='lenet5' else {}, **(model_kw or {}))
     m = get_model(arch, n_in=dls.n_channels, n_out=dls.c, stats=dls.stats, **kw)
-    return Learner(dls, m, loss_func=loss_func or CrossEntropyLossFlat(), metrics=metrics, cbs=cbs,
+    kwargs.setdefault('opt_func', adam())
+    return Learner(dls, m, loss_func=loss_func or CrossEntropyLossFlat(), metrics=metrics, cbs=checked_cbs(cbs),
                    splitter=staged_splitter, **kwargs)
 
 # %% ../nbs/02_models.ipynb #056a4376

@@ -14,13 +14,13 @@ from fastai.learner import Learner, Callback
 from fastai.callback.core import CancelValidException
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.optimizer import Adam
+from .optim import adam
 from fastai.torch_core import params
 import fastai.callback.schedule  # Learner.fit_one_cycle
 from .core import check_images, check_finite, model_device, seed_everything, demo_row
 from .data import ImageSet, image_dls, unseen_transform, UNSEEN_TRANSFORMS
 from .evaluate import grad_steps, eval_mode, _pixels_on
-from .interop import PixelMap, data_spec, model_for
+from .interop import PixelMap, data_spec, model_for, checked_cbs, check_input_batch
 from .calibration import (Calibrator, CalibratedModel, FreezeClassifier, freeze_model, calibrator_splitter,
                                      check_param, check_dls, check_batch, check_classifier)
 
@@ -102,7 +102,7 @@ def reverse_pgd(model:nn.Module, # the frozen model, in eval mode
                 pixels:PixelMap|None=None # the batches' `PixelMap` (`PixelMap.from_dls(dls)`): steps, `eps` and [0, 1] in pixels; None: `x` is pixels
                ) -> torch.Tensor:
     "Reverse adversarial inputs: `steps` projected gradient steps that *descend* the CE towards `y_star` within `eps` of `x`"
-    check_images(x, what='reverse_pgd input')
+    check_input_batch(x, normalize=None if pixels is None else pixels.stats, what='reverse_pgd input')
     _check_steps(eps, steps, step_size)
     check_eval(model)
     if teacher is not None: check_eval(teacher, 'teacher')
@@ -213,6 +213,7 @@ def quantize_int8(model:nn.Module, # the float model, in eval mode
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx, convert_fx
     check_eval(model); check_images(calib_x, what='calibration images')
+    if not len(calib_x): raise ValueError("quantize_int8 needs calibration images: calib_x is empty (the int8 ranges would be guessed)")
     backend = backend or ('x86' if 'x86' in torch.backends.quantized.supported_engines else 'qnnpack')
     if backend not in torch.backends.quantized.supported_engines:
         raise ValueError(f"quantized backend {backend!r} not available here; choose from {torch.backends.quantized.supported_engines}")
@@ -256,8 +257,8 @@ def reverse_adv_learner(dls, # labelled new-scene `DataLoaders`: the package's, 
     if getattr(dls, 'n_channels', None) is None: model_for(clf, dls)   # fastai's loaders: one forward pass checks size and class count
     cal = cal if cal is not None else reverse_calibrator(spec.n_channels, **(model_kw or {}))
     model = ReverseAdvModel(cal, clf, pixels=PixelMap.from_dls(dls))
-    kw = dict(loss_func=CrossEntropyLossFlat(), splitter=calibrator_splitter, opt_func=partial(Adam, wd=0.))
-    return Learner(dls, model, metrics=metrics, cbs=[FreezeClassifier(**(cb_kw or {}))] + list(L(cbs)), **{**kw, **kwargs})
+    kw = dict(loss_func=CrossEntropyLossFlat(), splitter=calibrator_splitter, opt_func=adam(wd=0.))
+    return Learner(dls, model, metrics=metrics, cbs=[FreezeClassifier(**(cb_kw or {}))] + checked_cbs(cbs), **{**kw, **kwargs})
 
 class _SkipValid(Callback):
     def before_validate(self): raise CancelValidException()

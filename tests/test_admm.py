@@ -23,7 +23,8 @@ def _small_dls(n_train=64, bs=32):
     from fastai.data.load import DataLoader
     from fastai.data.core import DataLoaders
     d = digits_dls(16, bs=bs, device='cpu')
-    tr = [d.train_ds[i] for i in range(n_train)]; va = [d.valid_ds[i] for i in range(bs)]
+    item = lambda ds, i: (ds[i][0].float() / 255, ds[i][1])      # the dataset's uint8 pixels, as float images in [0, 1]
+    tr = [item(d.train_ds, i) for i in range(n_train)]; va = [item(d.valid_ds, i) for i in range(bs)]
     dls = DataLoaders(DataLoader(tr, bs=bs, shuffle=True), DataLoader(va, bs=bs))
     for k in ('n_channels', 'c', 'stats', 'size'): setattr(dls, k, getattr(d, k))
     return dls

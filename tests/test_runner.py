@@ -30,8 +30,9 @@ def learner(ctx, stage, arch='resnet8', width=0.25):
     from corsd_suite.models import get_model
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
+    from corsd_suite.optim import adam
     m = get_model(arch, n_in=1, n_out=10, stats=dls.stats, **({'size': 16} if arch == 'lenet5' else kw))
-    return Learner(dls, m, loss_func=CrossEntropyLossFlat(), cbs=[Boom(stage), CountEpochs()])
+    return Learner(dls, m, loss_func=CrossEntropyLossFlat(), cbs=[Boom(stage), CountEpochs()], opt_func=adam())
 
 def train_one(ctx):
     learn = learner(ctx, 'train', ctx.config['arch'], ctx.config.get('width', 0.25))
@@ -72,7 +73,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert not (tmp_path/'cut'/'t'/'r'/'train'/'epoch.pth').exists() and (tmp_path/'cut'/'t'/'r'/'train'/'final.pth').exists()
     on_disk = json.loads((tmp_path/'results-cut'/'runs'/'t'/'r.json').read_text())
     assert on_disk['settings'] == kw and 'commit' in on_disk['git']
-    assert on_disk['train_format'] == dict(channels_last=True, bf16=False) and on_disk['contiguous_stages'] == {}
+    assert on_disk['train_format'] == dict(channels_last=True, bf16=False, optimiser='torch-foreach') and on_disk['contiguous_stages'] == {}
     assert {'load_start', 'load_end', 'torch', 'wall_seconds', 'sec_per_epoch'} <= set(on_disk)
 
 def fmt_probe(ctx):
@@ -93,20 +94,20 @@ def test_train_format(tmp_path):
     "channels_last by default, contiguous or bf16 on request; the format is part of the settings hash and of the run record"
     b = bench(tmp_path); b.add(fmt_probe, 'f', seed=0); r = b.run()['f']
     assert r['result'] == dict(channels_last=True, conv_out='torch.float32', loss='torch.float32')
-    assert r['train_format'] == dict(channels_last=True, bf16=False)
+    assert r['train_format'] == dict(channels_last=True, bf16=False, optimiser='torch-foreach')
     b = bench(tmp_path, channels_last=False, bf16=True); b.add(fmt_probe, 'f', seed=0)
     assert b.status()['runs'] == dict(f='stale')              # made in another format: not mixed in
     r = b.run()['f']
     assert r['result'] == dict(channels_last=False, conv_out='torch.bfloat16', loss='torch.float32')   # bf16 inside, fp32 loss
-    assert r['train_format'] == dict(channels_last=False, bf16=True)
+    assert r['train_format'] == dict(channels_last=False, bf16=True, optimiser='torch-foreach')
     assert 'contiguous+bf16' in runner.runs_table({'f': r})
     assert r['segments'][-1]['flush_denormal'] is False and runner.subnormal_mode(r) == 'kept'   # the fixture keeps them
     a = runner.add_args(__import__('argparse').ArgumentParser()).parse_args(['--no-channels_last', '--bf16'])
-    assert runner.train_format(a) == dict(channels_last=False, bf16=True)
+    assert runner.train_format(a) == dict(channels_last=False, bf16=True, optimiser='torch-foreach')
     b = bench(tmp_path, 'cache2', 'results2'); b.add(fmt_probe, 'f', seed=0); b.add(fmt_probe, 'g', seed=0, train_format=dict(bf16=True))
     r = b.run()                                                     # one invocation, two formats: each run keeps its own
     assert b.status()['runs'] == dict(f='done', g='done')
-    assert r['f']['train_format'] == dict(channels_last=True, bf16=False) and r['g']['train_format'] == dict(channels_last=True, bf16=True)
+    assert r['f']['train_format'] == dict(channels_last=True, bf16=False, optimiser='torch-foreach') and r['g']['train_format'] == dict(channels_last=True, bf16=True, optimiser='torch-foreach')
     assert r['g']['result']['conv_out'] == 'torch.bfloat16'
 
 def test_channels_last_hazards(tmp_path):
@@ -114,10 +115,29 @@ def test_channels_last_hazards(tmp_path):
     C = torch.nn.Conv2d
     assert runner.channels_last_hazards(torch.nn.Sequential(C(4, 8, 1, stride=2), C(16, 32, 1, stride=2), C(4, 8, 3, stride=2), C(4, 8, 1))) == ['0']
     b = bench(tmp_path); b.add(fmt_probe, 'q', seed=0, width=0.25); r = b.run()['q']   # quarter width: shortcuts on 4 and 8 channels
-    assert r['result']['channels_last'] is False and r['train_format'] == dict(channels_last=True, bf16=False)   # asked, not used
+    assert r['result']['channels_last'] is False and r['train_format'] == dict(channels_last=True, bf16=False, optimiser='torch-foreach')   # asked, not used
     assert r['contiguous_stages'] == {'train': ['stages.1.0.short.0', 'stages.2.0.short.0']}   # 4 and 8 channels in
     assert 'channels_last → contiguous' in runner.runs_table({'q': r}) and 'corrupts the heap' in runner.runs_section({'q': r}, [], {}, [])
     assert runner.set_train_format(learner(types.SimpleNamespace(device='cpu'), 'x', 'resnet8', 1.), dict(channels_last=True)) == dict(channels_last=True)
+
+def opt_probe(ctx):
+    "Fit one epoch; report the kernels the torch optimiser stepped with"
+    learn = learner(ctx, 'train', 'lenet5')
+    ctx.fit(learn, 1, 5e-3)
+    return {k: bool(learn.opt.opt.defaults.get(k)) for k in ('foreach', 'fused')}
+
+def test_optimiser_format(tmp_path):
+    "The optimiser's kernels are part of the format: foreach by default, fused on request (a new run, not mixed in); fastai's own optimisers are refused by name"
+    b = bench(tmp_path); b.add(opt_probe, 'o', seed=0); r = b.run()['o']
+    assert r['result'] == dict(foreach=True, fused=False) and 'channels_last, torch-foreach' in runner.runs_table({'o': r})
+    b = bench(tmp_path, opt_impl='fused'); b.add(opt_probe, 'o', seed=0)
+    assert b.status()['runs'] == dict(o='stale')
+    r = b.run()['o']
+    assert r['result'] == dict(foreach=False, fused=True) and r['train_format']['optimiser'] == 'torch-fused'
+    from fastai.optimizer import Adam
+    learn = learner(types.SimpleNamespace(device='cpu'), 'x', 'lenet5'); learn.opt_func = Adam
+    with pytest.raises(ValueError, match='corsd_suite.optim'): runner.set_train_format(learn, runner.train_format(runner.runner_args()))
+    with pytest.raises(ValueError, match='optimiser must be one of'): runner.set_optimiser(learner(types.SimpleNamespace(device='cpu'), 'x', 'lenet5'), 'torch-magic')
 
 def shared_stage(ctx):
     ctx.fit(learner(ctx, 'base', 'lenet5'), 1, 5e-3, stage='base', shared='base-s0'); return {}
