@@ -374,9 +374,10 @@ class ADMMCallback(_ModelStateCallback):
 
     def before_fit(self):
         self.attach(self.learn.model)
-        if self.unit == 'batch' and self.every > len(self.dls.train):
-            raise ValueError(f"every={self.every} batches is more than the {len(self.dls.train)} batches of an epoch; "
-                             f"use unit='epoch' or a smaller `every`")
+        total = len(self.dls.train) * self.n_epoch   # rounds may span epochs (the reference: 5,000 steps, ~4.5 epochs)
+        if self.unit == 'batch' and self.every > total:
+            raise ValueError(f"every={self.every} batches is more than the {total} batches of this fit ({self.n_epoch} epoch(s) of "
+                             f"{len(self.dls.train)}): ADMM would never update; fit longer, or use a smaller `every`")
         self.engine = ADMM(self.learn.model, self.targets, self.state, self.rho_schedule, self.every, self.unit)
         self.engine.init()
         self._epoch_done = False

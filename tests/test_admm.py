@@ -64,6 +64,9 @@ def test_bad_hyper_parameters_at_construction(kw, msg):
 def test_every_longer_than_an_epoch():
     learn = _small(ADMMCallback(TG, every=3, unit='batch'))      # 2 batches per epoch
     with pytest.raises(ValueError, match='every=3 batches is more than the 2 batches'): _fit(learn)
+    _fit(learn, epochs=3)                                          # rounds spanning epochs (as the reference's 5,000 steps)
+    cb = _cb(learn, ADMMCallback)
+    assert (cb.n_steps, cb.n_updates) == (6, 2)
 
 def test_schedule_function_must_stay_positive():
     learn = _small(ADMMCallback(TG, rho_schedule=lambda r, n: float('nan'), every=1, unit='batch'))
