@@ -11,7 +11,7 @@ model written with `save_compressed` and reloaded to check its accuracy.
 Per-layer keep ratios of a rung of rate R (total/kept): conv1 keeps the reference 20% (its 100 weights are 0.02% of
 the model; the ADMM papers prune it least), and conv2, fc1 and fc2 keep the reference fractions of ADMM pruning at
 71.2x (8%, 0.9%, 7%; Zhang et al. 2018, the authors' code) times one factor s chosen so that the total is 430,500/R.
-The paper's own per-layer rates behind 348x were not found (research/admm.md).
+The paper's own per-layer rates behind 348x were not found in its text or the authors' repositories.
 
 CIFAR-10 part (`--part cifar`): a zoo CIFAR ResNet (`--cifar-arch`) trained on CIFAR-10 less a validation split;
 non-structured ADMM (both convs of every residual block) and structured ADMM (input channels of the second conv of

@@ -34,20 +34,26 @@ def md_table(rows:list, cols:list|None=None) -> str:
     for r in rows: out.append('| ' + ' | '.join(str(r.get(c, '')) for c in cols) + ' |')
     return '\n'.join(out)
 
-def atomic_write(path:Path, text:str):
-    "Write `text` to `path` through a temporary file renamed into place (never a half-written result)"
+def _atomic(path:Path, write, suffix:str='.tmp') -> Path:
+    "Call `write(tmp)` on a temporary path beside `path`, then rename it into place (never a half-written result)"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f'.{path.stem}.{os.getpid()}{suffix}')
+    try: write(tmp); os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return path
+
+def atomic_write(path:Path, text:str):
+    "Write `text` to `path` atomically"
+    def w(tmp):
+        with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+    return _atomic(path, w)
 
 def save_figure(fig, path:Path, dpi:int=110) -> Path:
-    "Save a matplotlib figure as PNG atomically (a temporary file renamed into place) and close it"
+    "Save a matplotlib figure as PNG atomically and close it"
     import matplotlib.pyplot as plt
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp.png')
-    fig.savefig(tmp, dpi=dpi); plt.close(fig); os.replace(tmp, path)
-    return path
+    try: return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi), '.tmp.png')
+    finally: plt.close(fig)
 
 def link_figure(md_path:Path, png:Path, before:str|None=None) -> str:
     "Make sure the page `md_path` shows the figure `png`: its link added once, at the end or just `before` a heading"

@@ -14,7 +14,7 @@ from fastcore.all import *
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 import fastai.callback.schedule  # Learner.fit_one_cycle, used by admm_prune
-from .core import check_finite, check_param, seed_everything, demo_row, unwrap, save_atomic, _plain
+from .core import check_finite, check_param, seed_everything, demo_row, unwrap, save_atomic, write_atomic, _plain
 
 # %% auto #0
 __all__ = ['KINDS', 'MAX_DECODED_BYTES', 'LENET5_LAYERS', 'ADMM_LENET5_KEEP', 'topk_mask', 'prune_mask', 'prune_unstructured',
@@ -252,7 +252,7 @@ class _ModelStateCallback(Callback):
         if getattr(self, 'state', None) is None: self.state = self.new_state(model)
         return _attach(model, self._attr, self.state)
 
-# %% ../nbs/40_admm.ipynb #0d10dc2f
+# %% ../nbs/40_admm.ipynb #ff5a0260
 def _check_rho(rho, rho_schedule):
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
         raise ValueError(f"rho must be a finite number > 0; got {rho!r}")
@@ -296,6 +296,7 @@ class ADMMState(_State):
             self.history = torch.zeros_like(h, device=self.history.device)
         super()._load_from_state_dict(sd, prefix, *args, **kwargs)
 
+# %% ../nbs/40_admm.ipynb #9e530f3a
 class ADMM:
     "Plain-torch ADMM on the constrained layers of `model`: the penalty, the Z/U updates and the ρ schedule"
     def __init__(self, model:nn.Module, # the model (its constrained layers are found by name)
@@ -355,6 +356,7 @@ class ADMM:
         s.history = torch.cat([s.history, torch.tensor([row], dtype=torch.float64, device=s.history.device)])
         s.n_updates += 1; s.rho.fill_(rho_new)
 
+# %% ../nbs/40_admm.ipynb #065e17a3
 class ADMMCallback(_ModelStateCallback):
     "ADMM on `targets`: penalty ρ/2‖W−Z+U‖² in the loss, Z=Π(W+U) and U-steps every `every` `unit`s, growing ρ"
     order, run_valid, _attr = 60, False, 'admm'
@@ -584,7 +586,7 @@ class HardPruneCallback(_ModelStateCallback):
         if getattr(self, 'engine', None) is None: raise ValueError("this HardPruneCallback has not trained a model yet: pass `model`")
         return self.engine.check()
 
-# %% ../nbs/40_admm.ipynb #a10fa550
+# %% ../nbs/40_admm.ipynb #0c7950c8
 def relative_index_entries(mask:torch.Tensor, # boolean mask of the kept weights (any shape; flattened in order)
                            p:int # bits of one relative-index gap
                           ) -> int:
@@ -628,6 +630,7 @@ def _sparse_bits(gaps, nnz, Lnz, p):
     vb = 32 if Lnz is None else _value_bits(Lnz + (e > nnz))
     return e * (vb + p), vb
 
+# %% ../nbs/40_admm.ipynb #4a23f5b0
 def layer_storage(w:torch.Tensor, # one conv/linear weight tensor
                   index_bits:int|None=None # relative-index gap bits (None: the best of 1–16)
                  ) -> dict:
@@ -665,6 +668,7 @@ def plain_state_dict(model:nn.Module # a model, possibly carrying ADMM/pruning s
     skip = tuple(f'{n}.' for n, o in m.named_modules() if isinstance(o, _State))
     return {k: v for k, v in m.state_dict().items() if not k.startswith(skip)}
 
+# %% ../nbs/40_admm.ipynb #16ef8227
 def compression_report(model:nn.Module, # the (pruned, quantized) model
                        input_shape=(1, 28, 28), # one input's shape, for the MACs
                        index_bits:int|None=None, # relative-index gap bits (None: the best per layer)
@@ -729,7 +733,7 @@ def _load_torch_file(model:nn.Module, fname:Path) -> nn.Module:
     m.load_state_dict(sd, strict=False)
     return model
 
-# %% ../nbs/40_admm.ipynb #b6ea019a
+# %% ../nbs/40_admm.ipynb #8ff0ae71
 class CompressedFileError(ValueError):
     "A compressed model file that is missing, truncated, tampered with or not of this format (the message names the file)"
 
@@ -789,6 +793,7 @@ def _encode_weight(w:torch.Tensor, index_bits:int|None=None):
         secs += [_pack(gcodes, p), _pack(vcodes, st['value_bits'])]
     return h, secs
 
+# %% ../nbs/40_admm.ipynb #84cb52f7
 def _expected_sizes(h:dict, shape) -> list:
     "Byte length of every section of a tensor entry, from the header alone"
     n = math.prod(shape)
@@ -819,6 +824,7 @@ def _check_entry(h:dict):
     if h['enc'] == 'sparse':
         _int('index_bits', 1, 16); _int('value_bits', 1, 32); _int('entries', 0, n); _int('kept', 0, h['entries'])
 
+# %% ../nbs/40_admm.ipynb #a1ee2570
 def _decode_weight(h:dict, secs:list) -> torch.Tensor:
     "Inverse of `_encode_weight`; raises ValueError on codes the header does not allow"
     shape, n, L = h['shape'], math.prod(h['shape']), h['levels']
@@ -875,6 +881,7 @@ def _check_finite_sd(sd:dict, fname):
 def _weight_keys(model:nn.Module) -> set:
     return {f'{n}.weight' for n, m in weight_layers(model).items() if m.weight.ndim >= 2}
 
+# %% ../nbs/40_admm.ipynb #d297a969
 def compressed_bytes(model:nn.Module, # the (pruned, quantized) model
                      index_bits:int|None=None # relative-index gap bits (None: the best per layer, as `compression_report`)
                     ) -> list:
@@ -904,18 +911,9 @@ def save_compressed(model:nn.Module, # the trained model (pruned and quantized, 
     header = zlib.compress(json.dumps(dict(format='corsd_suite.compressed', version=_FMT_VERSION, tensors=[h for h, _ in parts],
                                            sha256=hashlib.sha256(payload).hexdigest()),
                                       separators=(',', ':')).encode(), 9)
-    fname = Path(fname); fname.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=fname.parent, prefix=f'.{fname.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(_MAGIC + len(header).to_bytes(4, 'little') + header + payload)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, fname)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return fname
+    return write_atomic(fname, lambda f: f.write(_MAGIC + len(header).to_bytes(4, 'little') + header + payload))
 
+# %% ../nbs/40_admm.ipynb #fea28498
 def read_compressed(fname, # a file written by `save_compressed`
                     like:dict|None=None # the state dict the file must fit (names, shapes, dtypes), checked before decoding
                    ) -> dict:

@@ -15,7 +15,7 @@ from .models import StagedNet
 from .calibration import bn_layers, endless, check_dl
 
 # %% auto #0
-__all__ = ['adabn', 'endless_xy', 'dann_adapt']
+__all__ = ['adabn', 'dann_adapt']
 
 # %% ../nbs/05_baselines.ipynb #9a31ee03
 def adabn(model:nn.Module, # a model with BatchNorm layers (changed in place)
@@ -44,13 +44,6 @@ def adabn(model:nn.Module, # a model with BatchNorm layers (changed in place)
     return model
 
 # %% ../nbs/05_baselines.ipynb #189e117a
-def endless_xy(dl): # a DataLoader of labelled `(x, y)` batches
-    "Yield the (x, y) batches of `dl` forever (one pass after another); error if `dl` yields no batches"
-    while True:
-        got = False
-        for b in dl: got = True; yield b
-        if not got: raise ValueError("the source DataLoader yielded no batches")
-
 def dann_adapt(clf:StagedNet, # a zoo model (with `features` and `head`), fine-tuned in place
                source_dl, # labelled source batches
                target_dl, # unlabelled target batches
@@ -67,7 +60,7 @@ def dann_adapt(clf:StagedNet, # a zoo model (with `features` and `head`), fine-t
     with torch.no_grad(): nf = clf.features(next(iter(source_dl))[0][:2].to(dev)).flatten(1).shape[1]
     disc = nn.Sequential(nn.Linear(nf, hidden), nn.ReLU(True), nn.Linear(hidden, hidden), nn.ReLU(True), nn.Linear(hidden, 2)).to(dev)
     opt = torch.optim.Adam(list(clf.parameters()) + list(disc.parameters()), lr=lr, weight_decay=wd, foreach=True)
-    src, tgt = endless_xy(source_dl), endless(target_dl)
+    src, tgt = endless(source_dl, 'source DataLoader', whole=True), endless(target_dl)
     clf.train()
     try:
         for i in range(iters):

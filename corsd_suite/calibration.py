@@ -13,11 +13,10 @@ from fastcore.all import *
 from fastai.learner import Callback
 from fastai.torch_core import params
 from .core import check_images, check_param, model_device, unwrap
-from .interop import PixelMap
-from .data import check_dls_nonempty
+from .interop import PixelMap, check_dls
 
 # %% auto #0
-__all__ = ['check_dls', 'check_dl', 'check_batch', 'size_error', 'check_classifier', 'endless', 'ResnetBlock', 'resnet_generator',
+__all__ = ['check_dl', 'check_batch', 'size_error', 'check_classifier', 'endless', 'ResnetBlock', 'resnet_generator',
            'Calibrator', 'bn_layers', 'set_frozen_mode', 'freeze_model', 'bn_state', 'CalibratedModel',
            'calibrator_splitter', 'FreezeClassifier']
 
@@ -27,13 +26,6 @@ def _n_items(dl):
     if ds is not None and hasattr(ds, '__len__'): return len(ds)
     n = getattr(dl, 'n', None)
     return n if n is not None else (len(dl) if hasattr(dl, '__len__') else None)
-
-def check_dls(dls, # fastai `DataLoaders`
-              what:str='DataLoaders'): # how the message names them
-    "Raise a `ValueError` naming the split if `dls` lacks a train or valid DataLoader or its dataset is empty"
-    for split in ('train', 'valid'):
-        if getattr(dls, split, None) is None: raise ValueError(f"the {what} have no {split} DataLoader")
-    return check_dls_nonempty(dls, what)
 
 def check_dl(dl, # a DataLoader of images
              what:str='target DataLoader'): # how the message names it
@@ -96,15 +88,16 @@ def check_classifier(clf:nn.Module, # the frozen classifier
 
 # %% ../nbs/04_calibration.ipynb #70d3d1f7
 def endless(dl, # a DataLoader yielding images or `(images, ...)` tuples
-            what:str='target DataLoader'): # how the message names it
-    "Yield the image batches of `dl` forever (an epoch after another); error if `dl` yields no images"
+            what:str='target DataLoader', # how the message names it
+            whole:bool=False): # yield whole batches (`(x, y)` tuples), not the images alone
+    "Yield the image batches (or whole batches) of `dl` forever, an epoch after another; error if `dl` yields no images"
     while True:
         got = False
         for b in dl:
             x = b[0] if isinstance(b, (tuple, list)) else b
             if len(x) == 0: continue
             got = True
-            yield x
+            yield b if whole else x
         if not got: raise ValueError(f"the {what} yielded no images (is it empty, or is drop_last on with fewer items than its batch size?)")
 
 # %% ../nbs/04_calibration.ipynb #9b7ef91d

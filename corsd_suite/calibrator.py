@@ -19,8 +19,8 @@ from fastai.data.core import DataLoaders
 from .core import check_finite, check_images, check_param, model_device, demo_row, seed_everything, unwrap
 from .models import dtn
 from .data import ImageSet
-from .interop import PixelMap, batch_normalize, data_spec, checked_cbs
-from .calibration import (Calibrator, CalibratedModel, calibrator_splitter, bn_state, check_dls,
+from .interop import PixelMap, batch_normalize, data_spec, checked_cbs, check_dls
+from .calibration import (Calibrator, CalibratedModel, calibrator_splitter, bn_state,
                                      check_dl, check_batch, check_classifier, _init_gen)
 
 # %% auto #0

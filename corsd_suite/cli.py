@@ -77,7 +77,9 @@ def run_demo(quick:bool=True, # the quick schedules, else the full ones
     from corsd_suite.core import DEMO_ROWS
     names = select_rows(only) if names is None else names
     rows, stopped = [], None
-    for name in names:
+    for i, name in enumerate(names, 1):
+        est = DEMO_SECONDS.get(name, (None, None))[0 if quick else 1]
+        print(f"  [{i}/{len(names)}] {name}: training" + (f" (~{_fmt_s(est)} on 2 idle CPU cores)" if est else '') + '...', flush=True)
         t0 = time.time()
         try: row = DEMO_ROWS[name][1](quick)
         except KeyboardInterrupt: stopped = name; break

@@ -15,9 +15,9 @@ from fastai.callback.hook import hook_outputs
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'DEMO_ROWS', 'BENCHMARK_URL', 'seed_everything', 'best_device', 'model_device', 'trim_memory',
-           'unwrap', 'get_stages', 'StageHooks', 'stage_features', 'save_atomic', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'check_finite', 'check_images', 'check_param',
-           'grad_scale', 'demo_row', 'benchmark_markdown', 'show_benchmark']
+           'unwrap', 'get_stages', 'StageHooks', 'stage_features', 'write_atomic', 'save_atomic', 'rng_state',
+           'set_rng_state', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'check_finite', 'check_images',
+           'check_param', 'grad_scale', 'demo_row', 'benchmark_markdown', 'show_benchmark']
 
 # %% ../nbs/00_core.ipynb #28e38d76
 def seed_everything(seed:int=42, # seed for Python's `random`, NumPy and torch (on every device)
@@ -144,20 +144,26 @@ def _plain(o, where:str='checkpoint'):
     if isinstance(o, (list, L)): return [_plain(v, f"{where}[{i}]") for i, v in enumerate(o)]
     raise TypeError(f"{where} holds a {type(o).__name__}, which a checkpoint cannot store (only tensors, numbers, strings, lists and dicts)")
 
-def save_atomic(obj, # what `torch.save` writes (keep to tensors and plain data so it reads back with `weights_only=True`)
-                file, # destination path (str or Path); its folder is created if needed
-               ) -> Path:
-    "`torch.save` `obj` to `file` through a temporary file in the same folder, renamed into place when complete"
+def write_atomic(file, # destination path (str or Path); its folder is created if needed
+                 write, # `write(f)` writes the content to the open binary file `f`
+                ) -> Path:
+    "Write `file` through a temporary file in the same folder, renamed into place when complete: never a half-written file"
     file = Path(file); file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f'.{file.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+            write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, file)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)
         raise
     return file
+
+def save_atomic(obj, # what `torch.save` writes (keep to tensors and plain data so it reads back with `weights_only=True`)
+                file, # destination path (str or Path); its folder is created if needed
+               ) -> Path:
+    "`torch.save` `obj` to `file` atomically (`write_atomic`)"
+    return write_atomic(file, lambda f: torch.save(obj, f))
 
 # %% ../nbs/00_core.ipynb #f9f30aba
 def _pystate(s):
@@ -206,7 +212,7 @@ def save_checkpoint(learn:Learner, # the learner to save
               dls=[_plain(_dl_rng(dl), 'DataLoader state') for dl in _loaders(learn)], extra=extra_json)
     return save_atomic(ck, file)
 
-# %% ../nbs/00_core.ipynb #0009b262
+# %% ../nbs/00_core.ipynb #1f6421f5
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used: missing, unreadable, incomplete, or not matching the learner"
 
@@ -261,6 +267,7 @@ def _check_opt(file, opt, sd):
         got = [len(g.get('params', [])) for g in sd.get('param_groups', [])]
         if want != got: raise CheckpointError(f"checkpoint {file}: optimiser groups hold {got} parameters, the learner's {want}")
 
+# %% ../nbs/00_core.ipynb #0ebb56ea
 def _check_rest(file, ck, learn):
     dls = _loaders(learn)
     if len(ck['dls']) != len(dls):

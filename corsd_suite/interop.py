@@ -14,9 +14,10 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from .core import unwrap, model_device
+from .data import check_dls_nonempty
 
 # %% auto #0
-__all__ = ['batch_normalize', 'PixelMap', 'data_spec', 'dl_labels', 'check_input_batch', 'BatchCheck', 'checked_cbs',
+__all__ = ['batch_normalize', 'PixelMap', 'data_spec', 'check_dls', 'dl_labels', 'check_input_batch', 'BatchCheck', 'checked_cbs',
            'find_stages', 'model_for', 'deployable']
 
 # %% ../nbs/06_interop.ipynb #32bd2c78
@@ -89,6 +90,17 @@ def data_spec(dls, # fastai `DataLoaders`: a `DataBlock`'s, `ImageDataLoaders`, 
         if c is None and isinstance(b, (tuple, list)) and len(b) > 1 and not b[1].is_floating_point(): c = int(b[1].max()) + 1
     if c is None: raise ValueError("cannot tell the number of classes of these DataLoaders: give them a `c` (fastai's CategoryBlock does)")
     return AttrDict(n_channels=int(n_ch), size=tuple(int(s) for s in size), c=int(c), classes=classes, normalize=batch_normalize(dls))
+
+# %% ../nbs/06_interop.ipynb #13deba06
+def check_dls(dls, # fastai `DataLoaders`
+              what:str='DataLoaders'): # how the messages name them (say, the learner they were given to)
+    "`data_spec(dls)`, or a `ValueError` naming the problem: a missing train/valid loader, an empty dataset, a train loader with no batch"
+    for split in ('train', 'valid'):
+        if getattr(dls, split, None) is None: raise ValueError(f"the {what} have no {split} DataLoader")
+    check_dls_nonempty(dls, what)
+    if len(dls.train) == 0:
+        raise ValueError(f"the {what}' train DataLoader yields no batch ({getattr(dls.train, 'n', '?')} items, bs={dls.train.bs}, drop_last)")
+    return data_spec(dls)
 
 # %% ../nbs/06_interop.ipynb #f0e580f3
 def dl_labels(dl, # a training `DataLoader`: a fastai `TfmdDL` over `Datasets`, or the package's `TensorDL`

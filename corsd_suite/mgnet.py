@@ -16,15 +16,14 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import params
 import fastai.callback.schedule
 from .core import check_images, check_finite, grad_scale, demo_row, seed_everything, unwrap, model_device
-from .data import check_dls_nonempty
 from .models import get_model, staged_splitter, StagedNet
 from .evaluate import count_flops, evaluate_accuracy, eval_mode
-from .interop import PixelMap, data_spec, model_for, batch_normalize, checked_cbs
+from .interop import PixelMap, data_spec, model_for, batch_normalize, checked_cbs, check_dls
 from .optim import adam
 
 # %% auto #0
 __all__ = ['GLIMPSE_BN', 'CLUTTER_GLIMPSES', 'glimpse_theta', 'take_glimpse', 'glimpse_boxes', 'MGNet', 'mgnet_of',
-           'check_labels', 'MultiGlimpseLoss', 'GlimpseAccuracy', 'mgnet_splitter', 'check_dls', 'mgnet_learner',
+           'check_labels', 'MultiGlimpseLoss', 'GlimpseAccuracy', 'mgnet_splitter', 'mgnet_learner',
            'CheckedCrossEntropy', 'backbone_learner', 'cluttered_digits_dls', 'show_glimpses', 'cluttered_natural',
            'mgnet_flops', 'mgnet_row']
 
@@ -141,7 +140,7 @@ def _pixel_map(pixels, n_in) -> PixelMap:
         raise ValueError(f"pixels has {pixels.mean.shape[1]} channels but the backbone takes {n_in}")
     return pixels
 
-# %% ../nbs/20_mgnet.ipynb #59b3f981
+# %% ../nbs/20_mgnet.ipynb #5639f2b6
 class MGNet(nn.Module):
     "Multi-glimpse network: the body of `backbone` sees `n_glimpses` learned glimpses downsampled by `down_factor`"
     def __init__(self,
@@ -358,14 +357,6 @@ def mgnet_splitter(m:nn.Module # an `MGNet` (or a wrapper holding it)
     m = mgnet_of(m)
     return [params(m.body), [p for n,p in m.named_parameters() if not n.startswith('body.')]]
 
-def check_dls(dls # fastai `DataLoaders` to check
-             ) -> AttrDict:
-    "Raise a `ValueError` naming the problem if `dls` has an empty train or valid set, a train loader with no batch, or no classes; return its `data_spec`"
-    check_dls_nonempty(dls, 'mgnet_learner')
-    if len(dls.train) == 0:
-        raise ValueError(f"the train DataLoader yields no batch ({getattr(dls.train, 'n', '?')} items, bs={dls.train.bs}, drop_last)")
-    return data_spec(dls)
-
 def _backbone(dls, arch, kw, spec):
     "The classifier `arch` for `dls` (`interop.model_for`: a zoo name gets the package loaders' `stats` as before)"
     kw = dict(kw)
@@ -388,7 +379,7 @@ def mgnet_learner(dls, # fastai `DataLoaders` of images and class labels (a `Dat
                   **kwargs # passed to fastai's `Learner` (cbs, metrics, opt_func, wd, path...)
                  ) -> Learner:
     "A fastai `Learner` training an `MGNet` on the body of `arch`, glimpses checked against the data's image size"
-    spec = check_dls(dls); _misplaced(kwargs)
+    spec = check_dls(dls, 'mgnet_learner'); _misplaced(kwargs)
     kw = dict(model_kw or {})
     mkw = {k: kw.pop(k) for k in list(kw) if k in _MGNET_ARGS}
     if mkw.get('n_classes') not in (None, spec.c):
@@ -424,7 +415,7 @@ def backbone_learner(dls, # fastai `DataLoaders` of images and class labels
                      **kwargs # passed to fastai's `Learner` (cbs, metrics, opt_func, wd, path...)
                     ) -> Learner:
     "The single-pass baseline: `arch` on the full image, cross-entropy, accuracy"
-    spec = check_dls(dls)
+    spec = check_dls(dls, 'backbone_learner')
     model = _backbone(dls, arch, model_kw or {}, spec)
     kwargs.setdefault('metrics', accuracy)
     if isinstance(model, StagedNet): kwargs.setdefault('splitter', staged_splitter)

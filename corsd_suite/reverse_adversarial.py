@@ -20,9 +20,9 @@ import fastai.callback.schedule  # Learner.fit_one_cycle
 from .core import check_images, check_finite, model_device, seed_everything, demo_row
 from .data import ImageSet, image_dls, unseen_transform, UNSEEN_TRANSFORMS
 from .evaluate import grad_steps, eval_mode, _pixels_on
-from .interop import PixelMap, data_spec, model_for, checked_cbs, check_input_batch
+from .interop import PixelMap, data_spec, model_for, checked_cbs, check_input_batch, check_dls
 from .calibration import (Calibrator, CalibratedModel, FreezeClassifier, freeze_model, calibrator_splitter,
-                                     check_param, check_dls, check_batch, check_classifier)
+                                     check_param, check_batch, check_classifier)
 
 # %% auto #0
 __all__ = ['LOWBIT_CANDIDATES', 'check_eval', 'is_quantized', 'attention_mask', 'reverse_labels', 'reverse_pgd',

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Docs check that runs where Quarto cannot: build the notebooks the way `nbdev-docs` would, render them to HTML with
 nbconvert, open every page in headless Chromium and fail on a page whose outputs hold a Python traceback, on a missing
-image, on a broken internal link, or on a page with code cells but no output at all.
+image, on a broken internal link, on maths that did not typeset (MathJax served from Debian's `libjs-mathjax`, offline),
+or on a page with code cells but no output at all.
 
 Steps (see docs_check/README.md):
 1. stage a copy of `nbs/` (plus `pyproject.toml`) in `<out>/build/`, so the checkout is never modified;
@@ -28,7 +29,9 @@ from urllib.parse import urlparse, unquote
 
 HERE = Path(__file__).resolve().parent
 SKIP_TOP = {'nbs', '_proc', '_docs', '_site', 'docs_check', '.git'}
-FAULTS = ('traceback', 'missing-image', 'broken-link', 'execution', 'docs-build', 'no-output')
+FAULTS = ('traceback', 'missing-image', 'broken-link', 'execution', 'docs-build', 'no-output', 'maths')
+MATHJAX = Path(os.environ.get('MATHJAX_JS', '/usr/share/javascript/mathjax/MathJax.js'))   # Debian's libjs-mathjax (2.7)
+MATHJAX_CDN_RE = r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/mathjax/[^"?]+(\?[^"]*)?">'
 TRACEBACK_RE = r'Traceback \(most recent call last\)|^\w*(Error|Exception)\s+Traceback'
 CHROME_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
                 '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-default-apps',
@@ -203,6 +206,8 @@ def _strip_opts(src:str) -> str:
     while lines and lines[0].startswith('#|'): lines.pop(0)
     return '\n'.join(lines)
 
+_PANDOC_ATTR = re.compile(r'\)\{(?:target|style|\.)[^}\n]*\}')
+
 def clean_nb(d:dict):
     "Make a processed notebook nbconvert-valid and apply the Quarto cell options nbdev emits"
     import nbformat
@@ -218,6 +223,10 @@ def clean_nb(d:dict):
             if o.get('output') == 'false': c['outputs'] = []
             c['source'] = '' if o.get('echo') == 'false' else _strip_opts(_src(c))
             if not c['source'] and not c['outputs']: continue
+            for out in c['outputs']:   # Pandoc link attributes (show_doc's `[source](...){target="_blank" ...}`): Quarto's, not markdown's
+                md = out.get('data', {}).get('text/markdown')
+                if md is not None: out['data']['text/markdown'] = _PANDOC_ATTR.sub(')', md if isinstance(md, str) else ''.join(md))
+        elif c['cell_type'] == 'markdown': c['source'] = _PANDOC_ATTR.sub(')', _src(c))
         cells.append(c)
     d['cells'] = cells
     d['metadata'] = {k:v for k,v in d.get('metadata', {}).items() if k in ('kernelspec', 'language_info')}
@@ -262,11 +271,13 @@ def render(proc_dir:Path, site:Path, cfg:dict) -> dict:
     page_of = {src: out for src, (out, _, _) in metas.items()}
     for src, out in list(page_of.items()):
         page_of[str(Path(src).with_suffix('.qmd'))] = out; page_of[str(Path(src).with_suffix('.md'))] = out
-    exporter = HTMLExporter(template_name='lab')
+    exporter = HTMLExporter(template_name='lab', exclude_input_prompt=True, exclude_output_prompt=True)   # Quarto shows no prompts
     pages = {}
     for src, (out, title, d) in metas.items():
         body, _ = exporter.from_notebook_node(clean_nb(d), resources=dict(metadata=dict(name=title)))
         body = body.replace('<body', '<body data-docs-check="1"', 1)
+        if MATHJAX.exists():   # the page's MathJax from the local copy: offline, the CDN script would never load
+            body = re.sub(MATHJAX_CDN_RE, lambda m: f'<script src="{MATHJAX.resolve().as_uri()}{m.group(1) or ""}">', body, count=1)
         t, desc = heads[src]   # Quarto shows the front matter's title and description at the top of the page
         head = (f'<header style="padding:0 12px 0 104px"><h1 class="title">{html.escape(str(t))}</h1>'
                 f'<p class="description"><em>{html.escape(str(desc))}</em></p></header>')
@@ -373,6 +384,19 @@ PAGE_JS = r"""
 (async () => {
   const imgs = Array.from(document.images);
   await Promise.all(imgs.map(i => i.complete ? 0 : new Promise(r => { i.onload = i.onerror = r; setTimeout(r, 3000); })));
+  const maths = {checked: false, errors: [], raw: []};
+  if (window.MathJax && window.MathJax.Hub) {          // wait until every equation is typeset (or 20 s)
+    await new Promise(r => { window.MathJax.Hub.Queue(r); setTimeout(r, 20000); });
+    maths.checked = true;
+    maths.errors = Array.from(document.querySelectorAll('.noError, .mjx-noError, .merror, .mjx-merror, .MathJax_Error')).map(e => (e.textContent || '').slice(0, 200));
+  }
+  const rawRe = /\$\$?[^$\n]*\\[A-Za-z]+[^$\n]*\$|\\\([^\n]*?\\[A-Za-z]+/;   // TeX left as text: $..\cmd..$ or \(..\cmd
+  for (const m of document.querySelectorAll('.jp-RenderedMarkdown, .jp-MarkdownOutput, .text_cell_render')) {
+    const c = m.cloneNode(true);
+    c.querySelectorAll('code, pre, script, .MathJax_Preview, .MathJax_CHTML, .mjx-chtml, .MathJax, .MathJax_Display').forEach(x => x.remove());
+    const hit = (c.textContent || '').match(rawRe);
+    if (hit) maths.raw.push(hit[0].slice(0, 200));
+  }
   const outs = Array.from(document.querySelectorAll('.jp-OutputArea-output, .output_area, .output'));
   const tb = new RegExp(TB_RE, 'm');
   return {
@@ -381,6 +405,7 @@ PAGE_JS = r"""
     tracebacks: outs.filter(o => tb.test(o.innerText)).map(o => o.innerText.slice(0, 400)),
     images: imgs.map(i => ({src: i.getAttribute('src') || '', url: i.src, ok: i.complete && i.naturalWidth > 0})),
     links: Array.from(document.querySelectorAll('a[href]')).map(a => ({href: a.getAttribute('href'), url: a.href, text: a.innerText.slice(0, 60)})),
+    maths: maths,
   };
 })()
 """
@@ -408,6 +433,10 @@ def check_pages(site:Path, pages:dict, root:Path, cfg:dict, chrome_exe, out:Path
     for page, f in found.items():
         faults = []
         faults += [dict(kind='traceback', detail=t) for t in f['tracebacks']]
+        m = f['maths']
+        if m['checked']:
+            faults += [dict(kind='maths', detail=f'TeX that did not typeset: {e}') for e in m['errors']]
+            faults += [dict(kind='maths', detail=f'TeX left as text: {t}') for t in m['raw']]
         for im in f['images']:
             if urlparse(im['url']).scheme in ('http', 'https'): continue     # offline: external images are not checked
             if not im['ok']: faults.append(dict(kind='missing-image', detail=im['src'][:200] or '(empty src)'))
@@ -526,6 +555,7 @@ def main(argv=None) -> int:
         n_bad += bool(r['faults'])
         log(f"{status} {page:32} <- {r['source']:28} {r['n_images']:3} images {r['n_links']:4} links")
         for f in r['faults']: log(f"       {f['kind']}: {f['detail']}")
+    if not MATHJAX.exists(): warns.append(f'maths not checked: no MathJax at {MATHJAX} (apt-get install libjs-mathjax, or set MATHJAX_JS)')
     for w in warns: log(f'warn {w}')
     for k, v in shots.items(): log(f'screenshot {k}: {v}')
     report = dict(root=str(root), outputs=a.outputs, pages=results, warnings=warns, screenshots=shots,

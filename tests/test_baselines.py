@@ -49,8 +49,9 @@ def test_moved_out_of_the_calibrator():
     import corsd_suite.calibrator as cal
     assert not hasattr(cal, 'adabn') and not hasattr(cal, 'dann_adapt')
 
-def test_endless_xy_refuses_empty():
-    from corsd_suite.baselines import endless_xy
-    it = endless_xy([(1, 2)])
-    assert [next(it) for _ in range(3)] == [(1, 2)] * 3
-    with pytest.raises(ValueError, match='no batches'): next(endless_xy([]))
+def test_endless_whole_batches_refuses_empty():
+    from corsd_suite.calibration import endless
+    b = (torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]))
+    it = endless([b], 'source DataLoader', whole=True)
+    assert all(next(it) is b for _ in range(3))
+    with pytest.raises(ValueError, match='the source DataLoader yielded no images'): next(endless([], 'source DataLoader', whole=True))

@@ -42,7 +42,8 @@ ERROR_OUT = dict(output_type='error', ename='ValueError', evalue='boom',
 
 # each page: the cells that make it good, or broken in exactly one way
 PAGES = dict(
-    good=[('markdown', '# Good page\n\n> a page with a plot, an anchor link and a link to the home page'),
+    good=[('markdown', '# Good page\n\n> a page with a plot, an anchor link, a link to the home page and an equation'),
+          ('markdown', 'The loss $\\mathcal{L}(W) = \\sum_i \\lVert W_i - Z_i \\rVert^2$ and $$\\Pi_S(W) = \\arg\\min_{Z \\in S} \\lVert W - Z \\rVert.$$'),
           ('markdown', '## Results\n\nBack [home](index.ipynb), see [results](#results) and '
                        '[the code](https://github.com/example/fixpkg/blob/main/pyproject.toml).'),
           ('code', PLOT)],
@@ -50,6 +51,7 @@ PAGES = dict(
     image=[('markdown', '# Image page'), ('markdown', '![a figure that is not there](images/missing.png)'), ('code', '1 + 1')],
     link=[('markdown', '# Link page'), ('markdown', 'See [the other page](no_such_page.ipynb).'), ('code', '1 + 1')],
     nooutput=[('markdown', '# Page without outputs'), ('code', 'x = 1')],
+    maths=[('markdown', '# Maths page'), ('markdown', 'A good one, $\\mathcal{L} = \\sum_i x_i^2$, and a broken one: $\\frac{1}{$.'), ('code', '1 + 1')],
 )
 def _png():
     import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
@@ -58,7 +60,8 @@ def _png():
 PNG = _png()
 STORED = {PLOT: dict(output_type='display_data', metadata={}, data={'image/png': PNG, 'text/plain': '<Figure>'}),
           '1 + 1': dict(output_type='execute_result', execution_count=1, metadata={}, data={'text/plain': '2'})}
-FAULT_OF = dict(traceback='traceback', image='missing-image', link='broken-link', nooutput='no-output')
+FAULT_OF = dict(traceback='traceback', image='missing-image', link='broken-link', nooutput='no-output', maths='maths')
+HAS_MATHJAX = Path('/usr/share/javascript/mathjax/MathJax.js').exists()
 
 def make_project(root:Path, pages):
     "A minimal nbdev project whose sidebar lists the home page and `pages`"
@@ -102,13 +105,14 @@ def test_each_fault_is_found_when_executed(tmp_path):
     (root/'nbs'/'traceback.ipynb').write_text(json.dumps(nb))
     r, rep = run_check(root)
     assert r.returncode == 1, r.stdout + r.stderr
-    for page, kind in FAULT_OF.items(): assert faults(rep, f'{page}.html') == {kind}, rep['pages'][f'{page}.html']
+    for page in ('traceback', 'image', 'link', 'nooutput'): assert faults(rep, f'{page}.html') == {FAULT_OF[page]}, rep['pages'][f'{page}.html']
     assert faults(rep, 'good.html') == set() and faults(rep, 'index.html') == set()
     assert rep['pages']['good.html']['n_images'] == 1         # the executed matplotlib figure
     assert any('boom' in f['detail'] for f in rep['pages']['traceback.html']['faults'])
 
-@pytest.mark.parametrize('page', ['traceback', 'image', 'link', 'nooutput'])
+@pytest.mark.parametrize('page', ['traceback', 'image', 'link', 'nooutput', 'maths'])
 def test_each_fault_alone_fails(tmp_path, page):
+    if page == 'maths' and not HAS_MATHJAX: pytest.fail('the maths check needs MathJax: apt-get install -y libjs-mathjax')
     "A project whose only fault is one broken page fails (stored outputs: the traceback is a stored error output)"
     r, rep = run_check(make_project(tmp_path, ['good', page]), '--outputs', 'stored')
     assert r.returncode == 1, r.stdout + r.stderr

@@ -14,7 +14,8 @@ def test_found_notebooks(): assert len(NOTEBOOKS) >= 12
 def test_colab_install_cell_first(nb):
     first, second = _code(nb)[:2]
     assert first.startswith('#| hide') and 'import importlib.util, subprocess, sys' in first, f'{nb.name}: first code cell is not the install cell'
-    assert "find_spec('corsd_suite') is None" in second and "'pip', 'install'" in second, f'{nb.name}: second code cell does not install the package'
+    assert "'corsd_suite':" in second and "'nbdev':" in second and "find_spec(mod) is None" in second and "'pip', 'install'" in second, \
+        f'{nb.name}: second code cell does not install the package and nbdev (its show_doc) where they are missing'
 
 def test_sidebar_lists_every_notebook():
     listed = set(re.findall(r'^\s*-\s*([\w/.-]+\.ipynb)\s*$', (NBS/'sidebar.yml').read_text(), re.M))
