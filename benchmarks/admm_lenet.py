@@ -180,11 +180,6 @@ def plot(R:list, png:Path) -> Path:
     fig.tight_layout()
     return save_figure(fig, png)
 
-def main(argv=None):
-    a = get_args(argv)
-    bench = runner.Benchmark(a.out, a)
-    plan(bench, a)
-    bench.run()
-    return bench.report(build_report(a))
+def main(argv=None): return runner.run_all(get_args(argv), plan, build_report)   # None with --list
 
 if __name__ == '__main__': main()

@@ -199,11 +199,6 @@ def plot(by:dict, arms:list, png:Path, a) -> Path:
     fig.tight_layout()
     return save_figure(fig, png)
 
-def main(argv=None):
-    a = get_args(argv)
-    bench = runner.Benchmark(a.out, a)
-    plan(bench, a)
-    bench.run()
-    return bench.report(build_report(a))   # None with --list: a listing writes no result
+def main(argv=None): return runner.run_all(get_args(argv), plan, build_report)   # None with --list
 
 if __name__ == '__main__': main()

@@ -474,6 +474,15 @@ class Benchmark:
         return write_result(name or self.name, summary, dict(runs=runs), md,
                             seconds=sum(r['wall_seconds'] for r in runs.values()), results=self.results, command=command)
 
+def run_all(a, # the script's parsed flags (`a.out` names the benchmark)
+            plan, # `plan(bench, a)` adds the runs
+            build_report): # `build_report(a)` -> the `build(runs)` of `Benchmark.report`
+    "A benchmark script's whole `main`: plan its runs, run what is missing, write its report (None with --list)"
+    bench = Benchmark(a.out, a)
+    plan(bench, a)
+    bench.run()
+    return bench.report(build_report(a))
+
 # ------------------------------------------------------------------------------------------------------ reporting
 def runs_table(runs:dict) -> str:
     "A markdown table of runs: id, commit, device, threads, format, subnormals, load, s/epoch (comparable between runs made alone)"

@@ -99,7 +99,7 @@ def check_dls(dls, # fastai `DataLoaders`
         if getattr(dls, split, None) is None: raise ValueError(f"the {what} have no {split} DataLoader")
     check_dls_nonempty(dls, what)
     if len(dls.train) == 0:
-        raise ValueError(f"the {what}' train DataLoader yields no batch ({getattr(dls.train, 'n', '?')} items, bs={dls.train.bs}, drop_last)")
+        raise ValueError(f"the train DataLoader of the {what} yields no batch ({getattr(dls.train, 'n', '?')} items, bs={dls.train.bs}, drop_last)")
     return data_spec(dls)
 
 # %% ../nbs/06_interop.ipynb #f0e580f3
