@@ -48,8 +48,7 @@ def evaluate_accuracy(model:nn.Module, # classifier returning logits
                       dl, # (x, y) batches, e.g. a fastai `DataLoader`
                       tfm=None, # `tfm(x, y) -> x` applied to each batch on the model's device (e.g. an attack)
                       show:bool=True, # show a progress bar
-                      pixels:PixelMap|None=None, # the batches' `PixelMap`: `tfm` then gets and returns pixels in [0, 1]; None: batches as loaded
-                      pixel_range:tuple|None=(0., 1.) # where the first batch's pixels must lie (`check_input_batch`); None: not checked
+                      pixels:PixelMap|None=None # the batches' `PixelMap`: `tfm` then gets and returns pixels in [0, 1]; None: batches as loaded
                      ) -> float:
     "Top-1 accuracy of `model` over `dl`, after applying `tfm(x, y)` to each batch if given"
     dev, correct, n = model_device(model), 0, 0
@@ -60,7 +59,7 @@ def evaluate_accuracy(model:nn.Module, # classifier returning logits
         for xb,yb in pbar(dl, 'accuracy', show):
             xb,yb = xb.to(dev), yb.to(dev)
             if not n: check_input_batch(xb, normalize=pixels.stats if pixels is not None else batch_normalize(dl),
-                                        pixel_range=pixel_range, what='the first evaluate_accuracy batch')
+                                        what='the first evaluate_accuracy batch')
             if tfm is not None: xb = tfm(xb, yb)
             with torch.no_grad(): out = model(xb)
             if not n: check_input_batch(xb, yb, n_classes=out.shape[1], pixel_range=None, what="the first evaluate_accuracy batch (against the model's classes)")
@@ -166,11 +165,10 @@ def attack_accuracy(model:nn.Module, # classifier in pixel space, returning logi
     "Accuracy of `model` on `dl` under `attack` ('pgd' or 'fgsm') at each eps, as a DataFrame"
     fn = dict(pgd=pgd, fgsm=fgsm)[attack]
     pm = PixelMap.from_dls(dl) if pixels is None else pixels
-    kw = kwargs if pm.identity else {**kwargs, 'pixels': pm}
+    f = model if pm.identity else (lambda z, pmd=_pixels_on(pm, model_device(model)): model(pmd.from_pixels(z)))   # the model on pixels
     rows = []
-    check_input_batch(next(iter(dl))[0], normalize=pm.stats, what=f'the first {attack} batch')   # pixels read through `pm`
-    for eps in pbar(list(eps_list), attack, show):
-        acc = evaluate_accuracy(model, dl, tfm=lambda x,y: fn(model, x, y, eps, **kw), show=False, pixel_range=None)
+    for eps in pbar(list(eps_list), attack, show):   # the attack in pixels; `evaluate_accuracy` maps the batches (and checks them)
+        acc = evaluate_accuracy(model, dl, tfm=lambda x,y: fn(f, x, y, eps, **kwargs), show=False, pixels=None if pm.identity else pm)
         rows.append(dict(attack=attack, eps=float(eps), accuracy=acc, **{k:v for k,v in kwargs.items() if isinstance(v,(int,float,str))}))
     return pd.DataFrame(rows)
 
